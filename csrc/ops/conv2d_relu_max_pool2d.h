@@ -1,0 +1,92 @@
+// The fused conv2d -> ReLU -> max_pool2d operator: the argument checks and
+// shape rules every backend (CPU, CUDA) shares.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace ptfast::ops {
+
+// The non-tensor arguments of the operator, each a (height, width) pair.
+struct ConvPoolParams {
+  std::array<int64_t, 2> stride;
+  std::array<int64_t, 2> padding;
+  std::array<int64_t, 2> dilation;
+  int64_t groups;
+  std::array<int64_t, 2> pool_kernel;
+  std::array<int64_t, 2> pool_stride;
+  std::array<int64_t, 2> pool_padding;
+  bool ceil_mode;
+};
+
+// Every size a kernel needs, derived once from the tensors and the params.
+struct ConvPoolShape {
+  int64_t batch;
+  int64_t in_channels;
+  int64_t in_h, in_w;
+  int64_t out_channels;
+  int64_t kernel_h, kernel_w;
+  int64_t conv_h, conv_w;
+  int64_t pooled_h, pooled_w;
+
+  int64_t in_channels_per_group(const ConvPoolParams& p) const {
+    return in_channels / p.groups;
+  }
+  int64_t out_channels_per_group(const ConvPoolParams& p) const {
+    return out_channels / p.groups;
+  }
+};
+
+// Validates the list arguments (two entries each, positive where required)
+// and packs them. Errors name the offending argument.
+ConvPoolParams make_conv_pool_params(
+    c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode);
+
+// Validates the tensors against each other and the params, and returns the
+// shape of the whole computation. Errors name the offending argument.
+ConvPoolShape check_conv_pool_inputs(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const ConvPoolParams& params);
+
+// Validates the extra tensors the backward receives.
+void check_conv_pool_backward_inputs(
+    const at::Tensor& grad_output, const at::Tensor& indices,
+    const at::Tensor& input, const ConvPoolShape& shape,
+    const ConvPoolParams& params);
+
+// Calls through the dispatcher, for kernels that build on the ops.
+at::Tensor conv2d_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode);
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& indices,
+    c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode,
+    std::array<bool, 3> output_mask);
+
+// uint8 when every arg-max code of a pooling window fits, int32 otherwise.
+at::ScalarType argmax_code_dtype(const ConvPoolParams& params);
+
+}  // namespace ptfast::ops

@@ -1,0 +1,39 @@
+// Entry points of the vectorised CPU kernels of the fused
+// conv2d -> ReLU -> max_pool2d operator (csrc/ops/cpu/isa/), one copy per
+// instruction set. Tensors arrive validated, contiguous and allocated.
+#pragma once
+
+#include "ops/conv2d_relu_max_pool2d.h"
+#include "ops/cpu/isa_dispatch.h"
+
+namespace ptfast::cpu {
+
+struct ConvPoolForwardArgs {
+  const at::Tensor& input;   // (N, C, H, W)
+  const at::Tensor& weight;  // (OC, C / groups, KH, KW)
+  const at::Tensor& bias;    // (OC,) or undefined
+  const at::Tensor& output;  // (N, OC, PH, PW), written
+  const at::Tensor& codes;   // arg-max codes like output, or undefined
+  const ops::ConvPoolShape& shape;
+  const ops::ConvPoolParams& params;
+};
+
+struct ConvPoolBackwardArgs {
+  const at::Tensor& grad_output;  // (N, OC, PH, PW)
+  const at::Tensor& codes;        // arg-max codes from the forward
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const at::Tensor& grad_input;   // zero-filled, or undefined if not needed
+  const at::Tensor& grad_weight;  // written, or undefined if not needed
+  const at::Tensor& grad_bias;    // written, or undefined if not needed
+  const ops::ConvPoolShape& shape;
+  const ops::ConvPoolParams& params;
+};
+
+using ConvPoolForwardFn = void (*)(const ConvPoolForwardArgs&);
+using ConvPoolBackwardFn = void (*)(const ConvPoolBackwardArgs&);
+
+extern IsaDispatch<ConvPoolForwardFn> conv_pool_forward_stub;
+extern IsaDispatch<ConvPoolBackwardFn> conv_pool_backward_stub;
+
+}  // namespace ptfast::cpu

@@ -1,0 +1,1 @@
+from ptfast import _C  # noqa: F401
