@@ -19,6 +19,7 @@ from pathlib import Path
 from setuptools import setup
 
 try:
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ModuleNotFoundError:
     sys.exit(
@@ -70,12 +71,19 @@ class BuildExtensionWithIsaCopies(BuildExtension):
 
 def extensions() -> list:
     cxx_flags = ["-O3", "-fno-math-errno"]
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inlined into our kernels: without OpenMP they would
+        # run on one thread. The loader resolves libgomp to torch's own copy.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     return [
         CppExtension(
             "ptfast._C",
             COMMON_SOURCES,
             include_dirs=[str(ROOT / CSRC)],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
             depends=sorted(str(p) for p in (ROOT / CSRC).rglob("*.h")),
         )
     ]

@@ -1,1 +1,17 @@
-from ptfast import _C  # noqa: F401
+"""ptfast: fused, verified CPU/CUDA kernels for PyTorch.
+
+    ptfast.conv2d_relu_max_pool2d   conv2d + bias + ReLU + max_pool2d in one op
+    ptfast.log_softmax              log_softmax
+    ptfast.nn                       the same as drop-in modules
+
+The operators are also reachable as ``torch.ops.ptfast.*``.
+"""
+
+from ptfast import _C  # noqa: F401  (loads the library that registers the operators)
+from ptfast import _fake  # noqa: F401  (registers their fake implementations)
+from ptfast import nn
+from ptfast.functional import conv2d_relu_max_pool2d, log_softmax
+
+__version__ = "0.1.0"
+
+__all__ = ["conv2d_relu_max_pool2d", "log_softmax", "nn", "__version__"]

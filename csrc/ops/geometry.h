@@ -101,6 +101,11 @@ C10_HOST_DEVICE inline TapRange valid_taps(
     int64_t output_index, int64_t kernel, int64_t stride, int64_t padding,
     int64_t dilation, int64_t input_size) {
   const int64_t first_input = output_index * stride - padding;
+  if (dilation == 1) {
+    const int64_t begin = first_input < 0 ? -first_input : 0;
+    const int64_t limit = input_size - first_input;
+    return {begin, limit < kernel ? limit : kernel};
+  }
   // first_input + k * dilation >= 0  <=>  k >= ceil(-first_input / dilation)
   const int64_t begin = ceil_div_nonneg(-first_input, dilation);
   // first_input + k * dilation < input_size

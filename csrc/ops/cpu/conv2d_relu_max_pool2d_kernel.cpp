@@ -4,7 +4,6 @@
 #include "ops/cpu/conv2d_relu_max_pool2d_kernel.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -86,7 +85,7 @@ conv2d_relu_max_pool2d_backward_cpu(
       grad_output, indices, input, shape, params);
 
   at::Tensor grad_input = output_mask[0]
-      ? at::zeros(input.sizes(), input.options())
+      ? at::empty(input.sizes(), input.options())
       : at::Tensor();
   at::Tensor grad_weight = output_mask[1]
       ? at::empty(weight.sizes(), weight.options())
@@ -94,6 +93,14 @@ conv2d_relu_max_pool2d_backward_cpu(
   at::Tensor grad_bias = output_mask[2]
       ? at::empty({shape.out_channels}, weight.options())
       : at::Tensor();
+  if (shape.batch == 0) {
+    for (at::Tensor* grad : {&grad_weight, &grad_bias}) {
+      if (grad->defined()) {
+        grad->zero_();
+      }
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
   conv_pool_backward_stub.get("conv2d_relu_max_pool2d_backward")(
       {grad_output.contiguous(), indices.contiguous(), input.contiguous(),
        weight.contiguous(), grad_input, grad_weight, grad_bias, shape,

@@ -23,7 +23,7 @@ struct ConvPoolBackwardArgs {
   const at::Tensor& codes;        // arg-max codes from the forward
   const at::Tensor& input;
   const at::Tensor& weight;
-  const at::Tensor& grad_input;   // zero-filled, or undefined if not needed
+  const at::Tensor& grad_input;   // written, or undefined if not needed
   const at::Tensor& grad_weight;  // written, or undefined if not needed
   const at::Tensor& grad_bias;    // written, or undefined if not needed
   const ops::ConvPoolShape& shape;

@@ -1,0 +1,61 @@
+"""Fake (meta) implementations of the ptfast operators.
+
+They compute output shapes and dtypes without running a kernel, which is
+what torch.compile traces with and what torch.library.opcheck checks against
+the real kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptfast._shapes import argmax_code_dtype, pooled_shape
+
+
+@torch.library.register_fake("ptfast::conv2d_relu_max_pool2d")
+def _conv2d_relu_max_pool2d_fake(
+    input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
+):
+    shape = pooled_shape(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding, ceil_mode)
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("ptfast::conv2d_relu_max_pool2d_with_indices")
+def _conv2d_relu_max_pool2d_with_indices_fake(
+    input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
+):
+    shape = pooled_shape(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding, ceil_mode)
+    return input.new_empty(shape), input.new_empty(shape, dtype=argmax_code_dtype(pool_kernel_size))
+
+
+@torch.library.register_fake("ptfast::conv2d_relu_max_pool2d_backward")
+def _conv2d_relu_max_pool2d_backward_fake(
+    grad_output,
+    input,
+    weight,
+    indices,
+    stride,
+    padding,
+    dilation,
+    groups,
+    pool_kernel_size,
+    pool_stride,
+    pool_padding,
+    ceil_mode,
+    output_mask,
+):
+    return (
+        input.new_empty(input.shape) if output_mask[0] else None,
+        weight.new_empty(weight.shape) if output_mask[1] else None,
+        weight.new_empty(weight.shape[0]) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("ptfast::log_softmax")
+def _log_softmax_fake(self, dim):
+    return self.new_empty(self.shape)
+
+
+@torch.library.register_fake("ptfast::log_softmax_backward")
+def _log_softmax_backward_fake(grad_output, output, dim):
+    return output.new_empty(output.shape)

@@ -1,0 +1,122 @@
+"""ptfast's fused operators with the signatures of torch.nn.functional.
+
+Both functions are thin, typed front ends to ``torch.ops.ptfast.*``: they
+normalise the arguments the way ``F.conv2d`` / ``F.max_pool2d`` /
+``F.log_softmax`` accept them, and leave validation, computation and autograd
+to the C++ operators.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IntOrPair = Union[int, Sequence[int]]
+
+_OP = "ptfast.conv2d_relu_max_pool2d"
+
+
+def _pair(value: IntOrPair, name: str) -> list[int]:
+    """An int or a 1- or 2-sequence of ints as [height, width]."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) in (1, 2):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value[0], value[-1]]
+    raise TypeError(f"{_OP}: `{name}` must be an int or a pair of ints, got {value!r}")
+
+
+def _same_padding(
+    input: Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[Tensor, list[int]]:
+    """Input and symmetric padding for padding='same', as F.conv2d does it.
+
+    When a total padding dilation * (kernel - 1) is odd, the extra row or
+    column goes at the bottom or right, applied to the input beforehand.
+    """
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{_OP}: `padding`='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    symmetric = [t // 2 for t in total]
+    extra = [t - 2 * s for t, s in zip(total, symmetric)]
+    if any(extra):
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
+    return input, symmetric
+
+
+def conv2d_relu_max_pool2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    pool_kernel_size: IntOrPair = 2,
+    pool_stride: IntOrPair | None = None,
+    pool_padding: IntOrPair = 0,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """``F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
+    pool_kernel_size, pool_stride, pool_padding, ceil_mode=ceil_mode)`` as one fused op.
+
+    Shapes:
+        input:  (N, C_in, H, W) or unbatched (C_in, H, W)
+        weight: (C_out, C_in / groups, kH, kW)
+        bias:   (C_out,) or None
+        output: (N, C_out, H_pool, W_pool), or (C_out, H_pool, W_pool) if unbatched
+
+    Arguments take the values ``F.conv2d`` and ``F.max_pool2d`` take: ints or
+    (height, width) pairs, ``padding`` also 'valid' or 'same', and
+    ``pool_stride=None`` meaning ``pool_kernel_size``. The backward keeps only
+    one arg-max code per pooled output (see README, "How the backward works").
+    """
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{_OP}: `input` and `weight` must be tensors")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"{_OP}: `input` must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{_OP}: `groups` must be an int, got {groups!r}")
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"{_OP}: `ceil_mode` must be a bool, got {ceil_mode!r}")
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    pool_kernel_size = _pair(pool_kernel_size, "pool_kernel_size")
+    pool_stride = pool_kernel_size if pool_stride is None else _pair(pool_stride, "pool_stride")
+    pool_padding = _pair(pool_padding, "pool_padding")
+
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            input, padding = _same_padding(input, weight.shape[2:], stride, dilation)
+        else:
+            raise ValueError(f"{_OP}: `padding` must be 'valid', 'same', an int or a pair, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding")
+
+    output = torch.ops.ptfast.conv2d_relu_max_pool2d(
+        input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
+    )
+    return output.squeeze(0) if unbatched else output
+
+
+def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``F.log_softmax(input, dim, dtype=dtype)``: numerically stable, any dim.
+
+    Shapes: input (*), output (*), the same shape. With ``dtype`` the input is
+    cast to it first, as in torch.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"ptfast.log_softmax: `dim` must be an int, got {dim!r}")
+    if dtype is not None:
+        input = input.to(dtype)
+    return torch.ops.ptfast.log_softmax(input, dim)
