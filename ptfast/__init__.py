@@ -7,6 +7,8 @@
 The operators are also reachable as ``torch.ops.ptfast.*``.
 """
 
+import torch  # noqa: F401  (loads libtorch, which ptfast._C links against)
+
 from ptfast import _C  # noqa: F401  (loads the library that registers the operators)
 from ptfast import _fake  # noqa: F401  (registers their fake implementations)
 from ptfast import nn

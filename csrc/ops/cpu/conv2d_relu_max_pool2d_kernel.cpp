@@ -15,6 +15,14 @@ IsaDispatch<ConvPoolBackwardFn> conv_pool_backward_stub;
 
 namespace {
 
+void check_cpu_dtype(const at::Tensor& input) {
+  TORCH_CHECK_TYPE(
+      input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+      "ptfast.conv2d_relu_max_pool2d: `input` must be float32 or float64 on "
+      "CPU, got ",
+      input.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -25,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, ceil_mode);
   const auto shape = ops::check_conv_pool_inputs(input, weight, bias, params);
+  check_cpu_dtype(input);
 
   const at::Tensor input_c = input.contiguous();
   const at::Tensor weight_c = weight.contiguous();
@@ -83,6 +92,7 @@ conv2d_relu_max_pool2d_backward_cpu(
       ops::check_conv_pool_inputs(input, weight, std::nullopt, params);
   ops::check_conv_pool_backward_inputs(
       grad_output, indices, input, shape, params);
+  check_cpu_dtype(input);
 
   at::Tensor grad_input = output_mask[0]
       ? at::empty(input.sizes(), input.options())
@@ -105,6 +115,8 @@ conv2d_relu_max_pool2d_backward_cpu(
       {grad_output.contiguous(), indices.contiguous(), input.contiguous(),
        weight.contiguous(), grad_input, grad_weight, grad_bias, shape,
        params});
+  ops::propagate_non_finite_like_native(
+      input, weight, indices, grad_input, grad_weight, shape, params);
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -21,6 +21,10 @@ void check_floating(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_TYPE(
       at::isFloatingType(tensor.scalar_type()), kOp, ": `", name,
       "` must be a floating-point tensor, got ", tensor.scalar_type());
+  TORCH_CHECK_TYPE(
+      tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kDouble,
+      kOp, ": `", name, "` must be float32 or float64 on CPU, got ",
+      tensor.scalar_type());
 }
 
 // Wraps a negative dim; a 0-d tensor behaves as one element, as in torch.

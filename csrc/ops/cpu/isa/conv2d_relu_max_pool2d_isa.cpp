@@ -454,6 +454,57 @@ void from_channels_last(
   }
 }
 
+// A conv output that receives gradient, and the sum of the gradients of the
+// pooled outputs whose arg-max it is.
+template <typename scalar_t>
+struct ActivePosition {
+  int64_t oh, ow;
+  scalar_t grad;
+};
+
+// The active conv positions of one (image, output channel) plane, in pooled
+// order. When pooling windows overlap, one conv output can be the arg-max of
+// several windows: their gradients are summed first, in pooled order, as
+// max_pool2d's backward does, so that the result matches native exactly
+// (an inf input times g1 + g2 is not g1 * inf + g2 * inf).
+template <typename scalar_t, typename code_t>
+void collect_active_positions(
+    const scalar_t* grad_output, const code_t* codes,
+    const std::vector<int64_t>& code_dy, const std::vector<int64_t>& code_dx,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p,
+    bool windows_overlap, std::vector<ActivePosition<scalar_t>>& active) {
+  active.clear();
+  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+      const int64_t cell = ph * s.pooled_w + pw;
+      const int64_t code = static_cast<int64_t>(codes[cell]);
+      if (code != geo::kNoGradient) {
+        active.push_back(
+            {ph * p.pool_stride[0] - p.pool_padding[0] + code_dy[code],
+             pw * p.pool_stride[1] - p.pool_padding[1] + code_dx[code],
+             grad_output[cell]});
+      }
+    }
+  }
+  if (!windows_overlap || active.size() < 2) {
+    return;
+  }
+  const auto before = [](const ActivePosition<scalar_t>& a,
+                         const ActivePosition<scalar_t>& b) {
+    return a.oh != b.oh ? a.oh < b.oh : a.ow < b.ow;
+  };
+  std::stable_sort(active.begin(), active.end(), before);
+  size_t kept = 0;
+  for (size_t i = 1; i < active.size(); ++i) {
+    if (active[i].oh == active[kept].oh && active[i].ow == active[kept].ow) {
+      active[kept].grad += active[i].grad;
+    } else {
+      active[++kept] = active[i];
+    }
+  }
+  active.resize(kept + 1);
+}
+
 // Images are split into at most kMaxImageChunks chunks whose number depends
 // only on the batch size: each chunk sums its weight gradient on its own and
 // the chunks are added in order, so the result is the same for any number of
@@ -512,6 +563,9 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
       ? s.kernel_h
       : 0;
 
+  const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
+      p.pool_stride[1] < p.pool_kernel[1];
+
   const int64_t chunks = std::min(s.batch, kMaxImageChunks);
   const int64_t chunk_images = (s.batch + chunks - 1) / chunks;
   const int64_t used_chunks = (s.batch + chunk_images - 1) / chunk_images;
@@ -529,6 +583,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
         std::vector<scalar_t> grad_cl(need_input ? in_group * plane : 0);
         std::vector<scalar_t> image_weight_grad(
             need_weight ? out_group * weight_size : 0);
+        std::vector<ActivePosition<scalar_t>> active;
+        active.reserve(pooled);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           acc_t* partial = partials.data() + chunk * partial_size;
           const int64_t n_end = std::min(s.batch, (chunk + 1) * chunk_images);
@@ -558,65 +614,57 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                 for (int64_t kh = 0; kh < register_rows; ++kh) {
                   row_sums[kh] = Vec(0);
                 }
+                collect_active_positions(
+                    grad_output + offset, codes + offset, code_dy, code_dx, s,
+                    p, windows_overlap, active);
                 scalar_t bias_sum = 0;
-                for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-                  for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-                    const int64_t cell = offset + ph * s.pooled_w + pw;
-                    const int64_t code = static_cast<int64_t>(codes[cell]);
-                    if (code == geo::kNoGradient) {
-                      continue;
+                for (const auto& position : active) {
+                  const scalar_t grad = position.grad;
+                  bias_sum += grad;
+                  if (!need_input && !need_weight) {
+                    continue;
+                  }
+                  const auto rows = geo::valid_taps(
+                      position.oh, s.kernel_h, p.stride[0], p.padding[0],
+                      p.dilation[0], s.in_h);
+                  const auto cols = geo::valid_taps(
+                      position.ow, s.kernel_w, p.stride[1], p.padding[1],
+                      p.dilation[1], s.in_w);
+                  const int64_t ih0 = position.oh * p.stride[0] - p.padding[0];
+                  const int64_t iw0 = position.ow * p.stride[1] - p.padding[1];
+                  const bool interior = rows.begin == 0 &&
+                      rows.end == s.kernel_h && cols.begin == 0 &&
+                      cols.end == s.kernel_w;
+                  const bool weight_in_registers =
+                      need_weight && register_rows > 0 && interior;
+                  if (weight_in_registers) {
+                    const Vec g(grad);
+                    for (int64_t kh = 0; kh < register_rows; ++kh) {
+                      const int64_t pixel =
+                          ((ih0 + kh * p.dilation[0]) * s.in_w + iw0) *
+                          in_group;
+                      row_sums[kh] = at::vec::fmadd(
+                          g, Vec::loadu(image_cl.data() + pixel, row_length),
+                          row_sums[kh]);
                     }
-                    const scalar_t grad = grad_output[cell];
-                    bias_sum += grad;
-                    if (!need_input && !need_weight) {
-                      continue;
-                    }
-                    const int64_t oh = ph * p.pool_stride[0] -
-                        p.pool_padding[0] + code_dy[code];
-                    const int64_t ow = pw * p.pool_stride[1] -
-                        p.pool_padding[1] + code_dx[code];
-                    const auto rows = geo::valid_taps(
-                        oh, s.kernel_h, p.stride[0], p.padding[0],
-                        p.dilation[0], s.in_h);
-                    const auto cols = geo::valid_taps(
-                        ow, s.kernel_w, p.stride[1], p.padding[1],
-                        p.dilation[1], s.in_w);
-                    const int64_t ih0 = oh * p.stride[0] - p.padding[0];
-                    const int64_t iw0 = ow * p.stride[1] - p.padding[1];
-                    const bool interior = rows.begin == 0 &&
-                        rows.end == s.kernel_h && cols.begin == 0 &&
-                        cols.end == s.kernel_w;
-                    const bool weight_in_registers =
-                        need_weight && register_rows > 0 && interior;
-                    if (weight_in_registers) {
-                      const Vec g(grad);
-                      for (int64_t kh = 0; kh < register_rows; ++kh) {
-                        const int64_t pixel =
-                            ((ih0 + kh * p.dilation[0]) * s.in_w + iw0) *
-                            in_group;
-                        row_sums[kh] = at::vec::fmadd(
-                            g, Vec::loadu(image_cl.data() + pixel, row_length),
-                            row_sums[kh]);
+                  }
+                  // Contiguous runs per kernel row: all valid taps at once
+                  // when dilation_w == 1, else one tap at a time.
+                  const int64_t run_taps =
+                      p.dilation[1] == 1 ? cols.end - cols.begin : 1;
+                  for (int64_t kh = rows.begin; kh < rows.end; ++kh) {
+                    const int64_t ih = ih0 + kh * p.dilation[0];
+                    for (int64_t kw = cols.begin; kw < cols.end;
+                         kw += run_taps) {
+                      const int64_t pixel =
+                          (ih * s.in_w + iw0 + kw * p.dilation[1]) * in_group;
+                      const int64_t tap = (kh * s.kernel_w + kw) * in_group;
+                      const int64_t length = run_taps * in_group;
+                      if (need_input) {
+                        axpy(grad_cl.data() + pixel, w + tap, grad, length);
                       }
-                    }
-                    // Contiguous runs per kernel row: all valid taps at once
-                    // when dilation_w == 1, else one tap at a time.
-                    const int64_t run_taps =
-                        p.dilation[1] == 1 ? cols.end - cols.begin : 1;
-                    for (int64_t kh = rows.begin; kh < rows.end; ++kh) {
-                      const int64_t ih = ih0 + kh * p.dilation[0];
-                      for (int64_t kw = cols.begin; kw < cols.end;
-                           kw += run_taps) {
-                        const int64_t pixel =
-                            (ih * s.in_w + iw0 + kw * p.dilation[1]) * in_group;
-                        const int64_t tap = (kh * s.kernel_w + kw) * in_group;
-                        const int64_t length = run_taps * in_group;
-                        if (need_input) {
-                          axpy(grad_cl.data() + pixel, w + tap, grad, length);
-                        }
-                        if (need_weight && !weight_in_registers) {
-                          axpy(gw + tap, image_cl.data() + pixel, grad, length);
-                        }
+                      if (need_weight && !weight_in_registers) {
+                        axpy(gw + tap, image_cl.data() + pixel, grad, length);
                       }
                     }
                   }

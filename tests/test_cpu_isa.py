@@ -1,0 +1,58 @@
+"""Each instruction-set copy of the CPU kernels gives native results.
+
+torch picks its CPU capability once per process (ATEN_CPU_CAPABILITY), and
+ptfast follows it, so each copy is exercised in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import assert_block_matches_native, block_inputs
+import ptfast
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[2], torch.backends.cpu.get_cpu_capability()
+for dtype in (torch.float64, torch.float32):
+    for shape, kwargs in [
+        ((3, 1, 10, 28, 28, 5, 1), {}),
+        ((2, 4, 6, 13, 12, 3, 2), dict(groups=2, padding=1, stride=(1, 2), pool_kernel_size=3, pool_stride=1, pool_padding=1)),
+        ((2, 3, 19, 12, 11, (2, 3), 1), dict(dilation=2, ceil_mode=True, stride=(2, 1))),
+    ]:
+        x, w, b = block_inputs(*shape, True, dtype)
+        assert_block_matches_native(x, w, b, kwargs)
+    for shape, dim in [((67, 10), 1), ((5, 1003), 1), ((4, 37, 5), 1), ((3, 0), 1)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        y, r = ptfast.log_softmax(x, dim), torch.log_softmax(x, dim)
+        torch.testing.assert_close(y, r)
+        if x.numel():
+            torch.testing.assert_close(*(torch.autograd.grad(t.sum() + (t * t).sum(), x)[0] for t in (y, r)))
+print("ok")
+"""
+
+
+def _supported_capabilities() -> list[str]:
+    best = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    return order[: order.index(best) + 1] if best in order else ["DEFAULT"]
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_kernels_per_instruction_set(capability):
+    if capability not in _supported_capabilities():
+        pytest.skip(f"this CPU does not support {capability}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(Path(__file__).parent), capability],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,122 @@
+"""ptfast.log_softmax against F.log_softmax: forward, backward, edge values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ptfast
+from conftest import tolerances
+
+SHAPES_AND_DIMS = [
+    ((7,), 0), ((7,), -1), ((64, 10), 1), ((3, 1000), -1), ((5, 37), 0), ((2, 3, 5), 1),
+    ((4, 5, 17), -1), ((4, 5, 17), 0), ((2, 33, 3, 3), 1), ((1, 1), 1), ((3, 1), 1), ((1, 70000), 1),
+]
+
+
+def _check(x: torch.Tensor, dim: int, equal_nan: bool = False):
+    x = x.detach().requires_grad_()
+    out, ref = ptfast.log_softmax(x, dim), F.log_softmax(x, dim)
+    tol = tolerances(x.dtype)
+    torch.testing.assert_close(out, ref, equal_nan=equal_nan, **tol)
+    if x.numel() == 0:
+        return
+    grad = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    got, = torch.autograd.grad(out, x, grad)
+    want, = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(got, want, equal_nan=equal_nan, **tol)
+
+
+@pytest.mark.parametrize("shape,dim", SHAPES_AND_DIMS, ids=[f"{s}-dim{d}" for s, d in SHAPES_AND_DIMS])
+def test_matches_native(shape, dim, dtype):
+    _check(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3, dim)
+
+
+def test_non_contiguous(dtype):
+    x = torch.randn(6, 40, dtype=dtype).t()
+    assert not x.is_contiguous()
+    _check(x, 1)
+    _check(x, 0)
+
+
+def test_zero_dim_tensor(dtype):
+    _check(torch.tensor(3.0, dtype=dtype), 0)
+    _check(torch.tensor(3.0, dtype=dtype), -1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data(),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_random_shapes(shape, data, dtype):
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    _check(torch.randn(shape, dtype=dtype) * 10, dim)
+
+
+def test_large_magnitudes_are_stable(dtype):
+    x = torch.tensor([[1e4, -1e4, 0.0, 1e4 - 1.0], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype)
+    out = ptfast.log_softmax(x, 1)
+    assert torch.isfinite(out).all()
+    _check(x, 1)
+    _check(x, 0)
+
+
+def test_minus_inf_entries(dtype):
+    x = torch.tensor([[0.0, -float("inf"), 1.0], [-float("inf")] * 3, [float("inf"), 0.0, 1.0]], dtype=dtype)
+    out, ref = ptfast.log_softmax(x, 1), F.log_softmax(x, 1)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert out[0, 1] == -float("inf")
+    _check(x[:1], 1)
+
+
+def test_nan_propagates(dtype):
+    x = torch.randn(4, 6, dtype=dtype)
+    x[1, 2] = float("nan")
+    _check(x, 1, equal_nan=True)
+    _check(x, 0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape,dim", [((0, 5), 1), ((5, 0), 1), ((5, 0), 0), ((0,), 0), ((2, 0, 3), -1)])
+def test_empty_tensors(shape, dim, dtype):
+    x = torch.empty(shape, dtype=dtype, requires_grad=True)
+    out = ptfast.log_softmax(x, dim)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_dtype_argument():
+    x = torch.randn(4, 10)
+    out = ptfast.log_softmax(x, 1, dtype=torch.float64)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, F.log_softmax(x, 1, dtype=torch.float64))
+
+
+def test_gradcheck():
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ptfast.log_softmax(t, 1), (x,))
+    assert torch.autograd.gradcheck(lambda t: ptfast.log_softmax(t, 0), (x,))
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 10), 1), ((3, 4, 5), 1), ((6,), 0)])
+def test_opcheck(shape, dim):
+    x = torch.randn(shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.ptfast.log_softmax.default, (x, dim))
+    y = ptfast.log_softmax(x.detach(), dim)
+    torch.library.opcheck(torch.ops.ptfast.log_softmax_backward.default, (torch.randn_like(y), y, dim))
+
+
+def test_double_backward_raises():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    gx, = torch.autograd.grad((ptfast.log_softmax(x, 1) * torch.randn(3, 4, dtype=torch.float64)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="log_softmax_backward.*not implemented"):
+        gx.sum().backward()
+
+
+def test_deterministic():
+    x = torch.randn(513, 1001, requires_grad=True)
+    outs = [ptfast.log_softmax(x, 1) for _ in range(3)]
+    grads = [torch.autograd.grad(o, x, torch.ones_like(o))[0] for o in outs]
+    assert all(torch.equal(o, outs[0]) for o in outs) and all(torch.equal(g, grads[0]) for g in grads)
