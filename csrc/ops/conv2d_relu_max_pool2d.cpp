@@ -7,8 +7,6 @@
 //   conv2d_relu_max_pool2d_backward      gradients from those codes
 #include "ops/conv2d_relu_max_pool2d.h"
 
-#include "ops/geometry.h"
-
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
@@ -259,6 +257,13 @@ void propagate_non_finite_like_native(
       grad_input.narrow(1, g * in_group, in_group).masked_fill_(reached, nan);
     }
   }
+}
+
+geometry::PoolGeometry pool_geometry(
+    const ConvPoolShape& s, const ConvPoolParams& p) {
+  return {p.pool_kernel[0],  p.pool_kernel[1],  p.pool_stride[0],
+          p.pool_stride[1],  p.pool_padding[0], p.pool_padding[1],
+          s.pooled_h,        s.pooled_w};
 }
 
 at::ScalarType argmax_code_dtype(const ConvPoolParams& p) {

@@ -2,6 +2,8 @@
 // shape rules every backend (CPU, CUDA) shares.
 #pragma once
 
+#include "ops/geometry.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
@@ -41,6 +43,10 @@ struct ConvPoolShape {
     return out_channels / p.groups;
   }
 };
+
+// The pooling part of the geometry, for geometry::gather_gradient.
+geometry::PoolGeometry pool_geometry(
+    const ConvPoolShape& shape, const ConvPoolParams& params);
 
 // Validates the list arguments (two entries each, positive where required)
 // and packs them. Errors name the offending argument.

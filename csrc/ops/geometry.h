@@ -86,6 +86,71 @@ C10_HOST_DEVICE inline void decode_argmax(
   dx = (code - 1) % kernel_w;
 }
 
+// Pooled indices [begin, end) whose window contains conv-output index
+// `conv_index`: those with origin <= conv_index < origin + kernel.
+struct IndexRange {
+  int64_t begin;
+  int64_t end;
+};
+
+C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+C10_HOST_DEVICE inline IndexRange windows_containing(
+    int64_t conv_index, int64_t kernel, int64_t stride, int64_t padding,
+    int64_t pooled_size) {
+  // index * stride - padding <= conv_index
+  const int64_t last = floor_div(conv_index + padding, stride);
+  // index * stride - padding + kernel > conv_index
+  const int64_t first = floor_div(conv_index + padding - kernel, stride) + 1;
+  return {first > 0 ? first : 0, last + 1 < pooled_size ? last + 1 : pooled_size};
+}
+
+// The pooling of one (image, channel) plane of conv outputs.
+struct PoolGeometry {
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t padding_h, padding_w;
+  int64_t pooled_h, pooled_w;
+};
+
+template <typename acc_t>
+struct GatheredGradient {
+  acc_t sum;             // gradient reaching the conv output
+  int64_t first_window;  // first pooled index whose arg-max it is, or -1
+};
+
+// The gradient reaching conv output (oh, ow) of one plane: the sum, in pooled
+// order as max_pool2d's backward adds them, of the gradients of the pooled
+// outputs whose arg-max code points at it. `grad_output` and `codes` are the
+// plane's pooled values, row-major.
+template <typename acc_t, typename scalar_t, typename code_t>
+C10_HOST_DEVICE inline GatheredGradient<acc_t> gather_gradient(
+    const scalar_t* grad_output, const code_t* codes, int64_t oh, int64_t ow,
+    const PoolGeometry& g) {
+  const IndexRange rows =
+      windows_containing(oh, g.kernel_h, g.stride_h, g.padding_h, g.pooled_h);
+  const IndexRange cols =
+      windows_containing(ow, g.kernel_w, g.stride_w, g.padding_w, g.pooled_w);
+  GatheredGradient<acc_t> result{acc_t(0), -1};
+  for (int64_t ph = rows.begin; ph < rows.end; ++ph) {
+    const int64_t dy = oh - (ph * g.stride_h - g.padding_h);
+    for (int64_t pw = cols.begin; pw < cols.end; ++pw) {
+      const int64_t dx = ow - (pw * g.stride_w - g.padding_w);
+      const int64_t cell = ph * g.pooled_w + pw;
+      if (static_cast<int64_t>(codes[cell]) ==
+          encode_argmax(dy, dx, g.kernel_w)) {
+        result.sum += static_cast<acc_t>(grad_output[cell]);
+        if (result.first_window < 0) {
+          result.first_window = cell;
+        }
+      }
+    }
+  }
+  return result;
+}
+
 // Kernel taps k in [begin, end) for which the input index
 // output_index * stride - padding + k * dilation lies in [0, input_size).
 struct TapRange {

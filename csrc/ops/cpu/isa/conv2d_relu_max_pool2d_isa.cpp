@@ -464,45 +464,37 @@ struct ActivePosition {
 
 // The active conv positions of one (image, output channel) plane, in pooled
 // order. When pooling windows overlap, one conv output can be the arg-max of
-// several windows: their gradients are summed first, in pooled order, as
-// max_pool2d's backward does, so that the result matches native exactly
-// (an inf input times g1 + g2 is not g1 * inf + g2 * inf).
+// several windows: it is listed once, at its first window, with the sum of
+// their gradients taken in pooled order as max_pool2d's backward adds them,
+// so the result matches native exactly (an inf input times g1 + g2 is not
+// g1 * inf + g2 * inf).
 template <typename scalar_t, typename code_t>
 void collect_active_positions(
     const scalar_t* grad_output, const code_t* codes,
     const std::vector<int64_t>& code_dy, const std::vector<int64_t>& code_dx,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p,
-    bool windows_overlap, std::vector<ActivePosition<scalar_t>>& active) {
+    const geo::PoolGeometry& pool, bool windows_overlap,
+    std::vector<ActivePosition<scalar_t>>& active) {
   active.clear();
-  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-      const int64_t cell = ph * s.pooled_w + pw;
+  for (int64_t ph = 0; ph < pool.pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < pool.pooled_w; ++pw) {
+      const int64_t cell = ph * pool.pooled_w + pw;
       const int64_t code = static_cast<int64_t>(codes[cell]);
-      if (code != geo::kNoGradient) {
-        active.push_back(
-            {ph * p.pool_stride[0] - p.pool_padding[0] + code_dy[code],
-             pw * p.pool_stride[1] - p.pool_padding[1] + code_dx[code],
-             grad_output[cell]});
+      if (code == geo::kNoGradient) {
+        continue;
+      }
+      const int64_t oh = ph * pool.stride_h - pool.padding_h + code_dy[code];
+      const int64_t ow = pw * pool.stride_w - pool.padding_w + code_dx[code];
+      if (!windows_overlap) {
+        active.push_back({oh, ow, grad_output[cell]});
+        continue;
+      }
+      const auto gathered = geo::gather_gradient<scalar_t>(
+          grad_output, codes, oh, ow, pool);
+      if (gathered.first_window == cell) {
+        active.push_back({oh, ow, gathered.sum});
       }
     }
   }
-  if (!windows_overlap || active.size() < 2) {
-    return;
-  }
-  const auto before = [](const ActivePosition<scalar_t>& a,
-                         const ActivePosition<scalar_t>& b) {
-    return a.oh != b.oh ? a.oh < b.oh : a.ow < b.ow;
-  };
-  std::stable_sort(active.begin(), active.end(), before);
-  size_t kept = 0;
-  for (size_t i = 1; i < active.size(); ++i) {
-    if (active[i].oh == active[kept].oh && active[i].ow == active[kept].ow) {
-      active[kept].grad += active[i].grad;
-    } else {
-      active[++kept] = active[i];
-    }
-  }
-  active.resize(kept + 1);
 }
 
 // Images are split into at most kMaxImageChunks chunks whose number depends
@@ -563,6 +555,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
       ? s.kernel_h
       : 0;
 
+  const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
 
@@ -615,8 +608,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                   row_sums[kh] = Vec(0);
                 }
                 collect_active_positions(
-                    grad_output + offset, codes + offset, code_dy, code_dx, s,
-                    p, windows_overlap, active);
+                    grad_output + offset, codes + offset, code_dy, code_dx,
+                    pool, windows_overlap, active);
                 scalar_t bias_sum = 0;
                 for (const auto& position : active) {
                   const scalar_t grad = position.grad;
