@@ -10,6 +10,13 @@ import torch.nn.functional as F
 
 import ptfast  # noqa: F401  (registers the operators)
 
+# Native float32 convolutions on CUDA may use TF32; the comparisons need full float32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+CUDA_SKIP = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=CUDA_SKIP)]
+
 
 def native_block(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                  pool_kernel_size=2, pool_stride=None, pool_padding=0, ceil_mode=False):
@@ -34,14 +41,15 @@ def make_data(shape, dtype: torch.dtype, generator: torch.Generator, scale: floa
 
 
 def block_inputs(
-    n: int, c: int, oc: int, h: int, w: int, kernel, groups: int, bias: bool, dtype, seed: int = 0
+    n: int, c: int, oc: int, h: int, w: int, kernel, groups: int, bias: bool, dtype, seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(input, weight, bias) as leaves requiring grad."""
+    """(input, weight, bias) on `device` as leaves requiring grad."""
     g = torch.Generator().manual_seed(seed)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    x = make_data((n, c, h, w), dtype, g).requires_grad_()
-    wt = make_data((oc, c // groups, kh, kw), dtype, g, scale=0.25).requires_grad_()
-    b = make_data((oc,), dtype, g).requires_grad_() if bias else None
+    x = make_data((n, c, h, w), dtype, g).to(device).requires_grad_()
+    wt = make_data((oc, c // groups, kh, kw), dtype, g, scale=0.25).to(device).requires_grad_()
+    b = make_data((oc,), dtype, g).to(device).requires_grad_() if bias else None
     return x, wt, b
 
 
@@ -58,7 +66,7 @@ def assert_block_matches_native(x, w, b, kwargs: dict[str, Any], *, check_grad: 
     if not check_grad:
         return
     g = torch.Generator().manual_seed(seed)
-    grad = make_data(ref.shape, x.dtype, g)
+    grad = make_data(ref.shape, x.dtype, g).to(x.device)
     leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     got = torch.autograd.grad(out, leaves, grad, allow_unused=True)
     want = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
@@ -68,4 +76,9 @@ def assert_block_matches_native(x, w, b, kwargs: dict[str, Any], *, check_grad: 
 
 @pytest.fixture(params=[torch.float64, torch.float32], ids=["float64", "float32"])
 def dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
     return request.param

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ptfast
-from conftest import assert_block_matches_native, block_inputs, make_data, native_block
+from conftest import DEVICES, assert_block_matches_native, block_inputs, make_data, native_block
 from ptfast._shapes import conv_output_size, pool_output_size
 
 BASE = dict(n=2, c=3, oc=4, h=10, w=9, kernel=3, groups=1, bias=True)
@@ -65,21 +65,21 @@ GRID = [
 ]
 
 
-def _inputs(shape_overrides, dtype, seed=0):
+def _inputs(shape_overrides, dtype, seed=0, device="cpu"):
     cfg = {**BASE, **shape_overrides}
     return block_inputs(cfg["n"], cfg["c"], cfg["oc"], cfg["h"], cfg["w"], cfg["kernel"], cfg["groups"],
-                        cfg["bias"], dtype, seed)
+                        cfg["bias"], dtype, seed, device)
 
 
 @pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
-def test_matches_native(shape, kwargs, dtype):
-    x, w, b = _inputs(shape, dtype)
+def test_matches_native(shape, kwargs, dtype, device):
+    x, w, b = _inputs(shape, dtype, device=device)
     assert_block_matches_native(x, w, b, {**kwargs, "groups": shape.get("groups", 1)})
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
-def test_non_contiguous_input(layout, dtype):
-    x, w, b = _inputs(dict(h=12, w=12), dtype)
+def test_non_contiguous_input(layout, dtype, device):
+    x, w, b = _inputs(dict(h=12, w=12), dtype, device=device)
     with torch.no_grad():
         if layout == "channels_last":
             view = x.contiguous(memory_format=torch.channels_last)
@@ -137,11 +137,12 @@ def block_configs(draw):
     return shape, kwargs, draw(st.integers(0, 2**31 - 1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=150, deadline=None)
 @given(config=block_configs(), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_random_configurations(config, dtype):
+def test_random_configurations(config, dtype, device):
     shape, kwargs, seed = config
-    x, w, b = _inputs(shape, dtype, seed)
+    x, w, b = _inputs(shape, dtype, seed, device)
     assert_block_matches_native(x, w, b, kwargs, seed=seed)
 
 
@@ -151,8 +152,8 @@ def test_random_configurations(config, dtype):
      dict(padding="same", ceil_mode=True, pool_kernel_size=3)],
     ids=["default", "stride_padding", "dilation_groups_pool", "same_ceil"],
 )
-def test_gradcheck(kwargs):
-    x, w, b = block_inputs(2, 4, 4, 8, 7, 3, kwargs.get("groups", 1), True, torch.float64)
+def test_gradcheck(kwargs, device):
+    x, w, b = block_inputs(2, 4, 4, 8, 7, 3, kwargs.get("groups", 1), True, torch.float64, device=device)
     assert torch.autograd.gradcheck(lambda *t: ptfast.conv2d_relu_max_pool2d(*t, **kwargs), (x, w, b))
 
 
@@ -165,8 +166,8 @@ def test_gradcheck(kwargs):
     ids=["default", "all_options"],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_opcheck(args, with_bias):
-    x, w, b = block_inputs(2, 4, 6, 11, 10, 3, args[3], with_bias, torch.float64)
+def test_opcheck(args, with_bias, device):
+    x, w, b = block_inputs(2, 4, 6, 11, 10, 3, args[3], with_bias, torch.float64, device=device)
     torch.library.opcheck(torch.ops.ptfast.conv2d_relu_max_pool2d.default, (x, w, b, *args))
     # The op with indices and the backward op are not differentiable themselves.
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))

@@ -11,8 +11,8 @@ from conftest import assert_block_matches_native, block_inputs, native_block
 INF, NAN = float("inf"), float("nan")
 
 
-def test_all_negative_windows(dtype):
-    x, w, b = block_inputs(3, 2, 4, 10, 10, 3, 1, True, dtype)
+def test_all_negative_windows(dtype, device):
+    x, w, b = block_inputs(3, 2, 4, 10, 10, 3, 1, True, dtype, device=device)
     with torch.no_grad():
         b.fill_(-1000)
     out = ptfast.conv2d_relu_max_pool2d(x, w, b)
@@ -30,19 +30,19 @@ def test_zero_maximum_gets_no_gradient(dtype):
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(pool_kernel_size=3, pool_stride=1, pool_padding=1), dict(padding=1)])
-def test_constant_inputs_tie_everywhere(kwargs, dtype):
+def test_constant_inputs_tie_everywhere(kwargs, dtype, device):
     """Every window is a tie: the first maximum in window order gets the gradient."""
-    x = torch.full((2, 2, 9, 9), 0.5, dtype=dtype, requires_grad=True)
-    w = torch.full((3, 2, 3, 3), 0.25, dtype=dtype, requires_grad=True)
-    b = torch.full((3,), 0.125, dtype=dtype, requires_grad=True)
+    x = torch.full((2, 2, 9, 9), 0.5, dtype=dtype, device=device, requires_grad=True)
+    w = torch.full((3, 2, 3, 3), 0.25, dtype=dtype, device=device, requires_grad=True)
+    b = torch.full((3,), 0.125, dtype=dtype, device=device, requires_grad=True)
     assert_block_matches_native(x, w, b, kwargs)
 
 
 @pytest.mark.parametrize("value", [INF, -INF, NAN], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["input", "weight", "bias", "grad_output"])
 @pytest.mark.parametrize("kwargs", [{}, dict(padding=1, stride=2, pool_kernel_size=3, pool_stride=1)], ids=["plain", "strided"])
-def test_non_finite_values_propagate_like_native(value, where, kwargs, dtype):
-    x, w, b = block_inputs(2, 3, 4, 11, 10, 3, 1, True, dtype)
+def test_non_finite_values_propagate_like_native(value, where, kwargs, dtype, device):
+    x, w, b = block_inputs(2, 3, 4, 11, 10, 3, 1, True, dtype, device=device)
     with torch.no_grad():
         if where == "input":
             x[1, 2, 5, 4] = value
@@ -60,7 +60,7 @@ def test_non_finite_values_propagate_like_native(value, where, kwargs, dtype):
     out = ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs)
     ref = native_block(x_ref, w_ref, b_ref, **kwargs)
     torch.testing.assert_close(out, ref.to(dtype), equal_nan=True)
-    grad = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(device)
     if where == "grad_output":
         grad[0, 1, 1, 1] = value
         grad[1, 3, 0, 2] = value

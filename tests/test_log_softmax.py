@@ -24,15 +24,15 @@ def _check(x: torch.Tensor, dim: int, equal_nan: bool = False):
     torch.testing.assert_close(out, ref, equal_nan=equal_nan, **tol)
     if x.numel() == 0:
         return
-    grad = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1)).to(x.device)
     got, = torch.autograd.grad(out, x, grad)
     want, = torch.autograd.grad(ref, x, grad)
     torch.testing.assert_close(got, want, equal_nan=equal_nan, **tol)
 
 
 @pytest.mark.parametrize("shape,dim", SHAPES_AND_DIMS, ids=[f"{s}-dim{d}" for s, d in SHAPES_AND_DIMS])
-def test_matches_native(shape, dim, dtype):
-    _check(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3, dim)
+def test_matches_native(shape, dim, dtype, device):
+    _check(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device) * 3, dim)
 
 
 def test_non_contiguous(dtype):
@@ -55,32 +55,33 @@ def test_random_shapes(shape, data, dtype):
     _check(torch.randn(shape, dtype=dtype) * 10, dim)
 
 
-def test_large_magnitudes_are_stable(dtype):
-    x = torch.tensor([[1e4, -1e4, 0.0, 1e4 - 1.0], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype)
+def test_large_magnitudes_are_stable(dtype, device):
+    x = torch.tensor([[1e4, -1e4, 0.0, 1e4 - 1.0], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype, device=device)
     out = ptfast.log_softmax(x, 1)
     assert torch.isfinite(out).all()
     _check(x, 1)
     _check(x, 0)
 
 
-def test_minus_inf_entries(dtype):
-    x = torch.tensor([[0.0, -float("inf"), 1.0], [-float("inf")] * 3, [float("inf"), 0.0, 1.0]], dtype=dtype)
+def test_minus_inf_entries(dtype, device):
+    x = torch.tensor([[0.0, -float("inf"), 1.0], [-float("inf")] * 3, [float("inf"), 0.0, 1.0]], dtype=dtype,
+                     device=device)
     out, ref = ptfast.log_softmax(x, 1), F.log_softmax(x, 1)
     torch.testing.assert_close(out, ref, equal_nan=True)
     assert out[0, 1] == -float("inf")
     _check(x[:1], 1)
 
 
-def test_nan_propagates(dtype):
-    x = torch.randn(4, 6, dtype=dtype)
+def test_nan_propagates(dtype, device):
+    x = torch.randn(4, 6, dtype=dtype, device=device)
     x[1, 2] = float("nan")
     _check(x, 1, equal_nan=True)
     _check(x, 0, equal_nan=True)
 
 
 @pytest.mark.parametrize("shape,dim", [((0, 5), 1), ((5, 0), 1), ((5, 0), 0), ((0,), 0), ((2, 0, 3), -1)])
-def test_empty_tensors(shape, dim, dtype):
-    x = torch.empty(shape, dtype=dtype, requires_grad=True)
+def test_empty_tensors(shape, dim, dtype, device):
+    x = torch.empty(shape, dtype=dtype, device=device, requires_grad=True)
     out = ptfast.log_softmax(x, dim)
     assert out.shape == x.shape
     out.sum().backward()
@@ -101,8 +102,8 @@ def test_gradcheck():
 
 
 @pytest.mark.parametrize("shape,dim", [((4, 10), 1), ((3, 4, 5), 1), ((6,), 0)])
-def test_opcheck(shape, dim):
-    x = torch.randn(shape, requires_grad=True)
+def test_opcheck(shape, dim, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.ptfast.log_softmax.default, (x, dim))
     y = ptfast.log_softmax(x.detach(), dim)
     torch.library.opcheck(torch.ops.ptfast.log_softmax_backward.default, (torch.randn_like(y), y, dim))

@@ -1,0 +1,413 @@
+// CUDA kernels of the fused conv2d -> ReLU -> max_pool2d operator.
+//
+// Forward: one thread per pooled output computes the conv values of its
+// window directly (accumulating in at::opmath_type: float for half types),
+// pools them with max_pool2d's rules and writes the arg-max code.
+// Backward: every result is gathered by the thread or block that owns it, so
+// no float atomics are used and repeated runs are bitwise identical. The
+// gradient reaching a conv output is recomputed from the arg-max codes
+// (geometry::gather_gradient), never stored; like the native dense backward,
+// a conv output without gradient still contributes 0 * value, so NaN and inf
+// propagate as in native torch.
+#include "ops/conv2d_relu_max_pool2d.h"
+#include "ops/geometry.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace ptfast::cuda {
+namespace {
+
+namespace geo = ptfast::geometry;
+
+constexpr int kThreads = 256;
+constexpr int kReduceThreads = 256;
+
+// Every size a kernel needs, passed by value.
+struct Dims {
+  int64_t batch, in_channels, in_h, in_w;
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t conv_h, conv_w;
+  int64_t stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w;
+  int64_t in_group, out_group;
+  geo::PoolGeometry pool;
+};
+
+Dims make_dims(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  return {s.batch,          s.in_channels,     s.in_h,
+          s.in_w,           s.out_channels,    s.kernel_h,
+          s.kernel_w,       s.conv_h,          s.conv_w,
+          p.stride[0],      p.stride[1],       p.padding[0],
+          p.padding[1],     p.dilation[0],     p.dilation[1],
+          s.in_channels_per_group(p), s.out_channels_per_group(p),
+          ops::pool_geometry(s, p)};
+}
+
+int64_t blocks_for(int64_t items) {
+  return std::min<int64_t>((items + kThreads - 1) / kThreads, 1 << 20);
+}
+
+// Conv output (n, oc, oh, ow), zero padding included as multiplications by 0
+// (the im2col convention the CPU kernels follow too).
+template <typename scalar_t, typename acc_t>
+__device__ acc_t conv_at(
+    const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
+    const scalar_t* __restrict__ bias, int64_t n, int64_t oc, int64_t oh,
+    int64_t ow, const Dims& d) {
+  const int64_t group = oc / d.out_group;
+  acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+  const scalar_t* w = weight + oc * d.in_group * d.kernel_h * d.kernel_w;
+  for (int64_t c = 0; c < d.in_group; ++c) {
+    const scalar_t* x = input +
+        ((n * d.in_channels + group * d.in_group + c) * d.in_h) * d.in_w;
+    for (int64_t kh = 0; kh < d.kernel_h; ++kh) {
+      const int64_t ih = oh * d.stride_h - d.padding_h + kh * d.dilation_h;
+      const bool row_inside = ih >= 0 && ih < d.in_h;
+      for (int64_t kw = 0; kw < d.kernel_w; ++kw) {
+        const int64_t iw = ow * d.stride_w - d.padding_w + kw * d.dilation_w;
+        const acc_t value = row_inside && iw >= 0 && iw < d.in_w
+            ? static_cast<acc_t>(x[ih * d.in_w + iw])
+            : acc_t(0);
+        acc += value * static_cast<acc_t>(*w++);
+      }
+    }
+  }
+  return acc;
+}
+
+template <typename scalar_t, typename code_t>
+__global__ void forward_kernel(
+    const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
+    const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
+    code_t* __restrict__ codes, Dims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total =
+      d.batch * d.out_channels * d.pool.pooled_h * d.pool.pooled_w;
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       index < total; index += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pw = index % d.pool.pooled_w;
+    const int64_t ph = (index / d.pool.pooled_w) % d.pool.pooled_h;
+    const int64_t plane = index / (d.pool.pooled_w * d.pool.pooled_h);
+    const int64_t oc = plane % d.out_channels;
+    const int64_t n = plane / d.out_channels;
+    const geo::Window wh = geo::pool_window(
+        ph, d.pool.kernel_h, d.pool.stride_h, d.pool.padding_h, d.conv_h);
+    const geo::Window ww = geo::pool_window(
+        pw, d.pool.kernel_w, d.pool.stride_w, d.pool.padding_w, d.conv_w);
+    acc_t best = -std::numeric_limits<acc_t>::infinity();
+    int64_t best_h = wh.begin;
+    int64_t best_w = ww.begin;
+    for (int64_t h = wh.begin; h < wh.end; ++h) {
+      for (int64_t w = ww.begin; w < ww.end; ++w) {
+        // Rounded to scalar_t first, as the native conv output is.
+        const acc_t value = static_cast<acc_t>(static_cast<scalar_t>(
+            conv_at<scalar_t, acc_t>(input, weight, bias, n, oc, h, w, d)));
+        if (value > best || isnan(value)) {
+          best = value;
+          best_h = h;
+          best_w = w;
+        }
+      }
+    }
+    const bool blocked = best <= acc_t(0);
+    output[index] = static_cast<scalar_t>(blocked ? acc_t(0) : best);
+    if (codes != nullptr) {
+      codes[index] = static_cast<code_t>(
+          blocked ? geo::kNoGradient
+                  : geo::encode_argmax(
+                        best_h - wh.origin, best_w - ww.origin,
+                        d.pool.kernel_w));
+    }
+  }
+}
+
+// One thread per input element: the sum over the conv outputs that read it.
+template <typename scalar_t, typename code_t>
+__global__ void grad_input_kernel(
+    const scalar_t* __restrict__ grad_output, const code_t* __restrict__ codes,
+    const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_input,
+    Dims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = d.batch * d.in_channels * d.in_h * d.in_w;
+  const int64_t pooled = d.pool.pooled_h * d.pool.pooled_w;
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       index < total; index += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t iw = index % d.in_w;
+    const int64_t ih = (index / d.in_w) % d.in_h;
+    const int64_t c = (index / (d.in_w * d.in_h)) % d.in_channels;
+    const int64_t n = index / (d.in_w * d.in_h * d.in_channels);
+    const int64_t group = c / d.in_group;
+    const int64_t c_in_group = c % d.in_group;
+    acc_t acc = 0;
+    for (int64_t oc = group * d.out_group; oc < (group + 1) * d.out_group;
+         ++oc) {
+      const int64_t plane = (n * d.out_channels + oc) * pooled;
+      const scalar_t* w =
+          weight + (oc * d.in_group + c_in_group) * d.kernel_h * d.kernel_w;
+      for (int64_t kh = 0; kh < d.kernel_h; ++kh) {
+        const int64_t row = ih + d.padding_h - kh * d.dilation_h;
+        if (row < 0 || row % d.stride_h != 0 || row / d.stride_h >= d.conv_h) {
+          continue;
+        }
+        for (int64_t kw = 0; kw < d.kernel_w; ++kw) {
+          const int64_t col = iw + d.padding_w - kw * d.dilation_w;
+          if (col < 0 || col % d.stride_w != 0 ||
+              col / d.stride_w >= d.conv_w) {
+            continue;
+          }
+          const acc_t grad = geo::gather_gradient<acc_t>(
+                                 grad_output + plane, codes + plane,
+                                 row / d.stride_h, col / d.stride_w, d.pool)
+                                 .sum;
+          acc += grad * static_cast<acc_t>(w[kh * d.kernel_w + kw]);
+        }
+      }
+    }
+    grad_input[index] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Sums one value per thread over a block in a fixed order.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value) {
+  __shared__ acc_t partial[kReduceThreads];
+  partial[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kReduceThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      partial[threadIdx.x] += partial[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+// One block per weight element (oc, c, kh, kw): the sum over images and conv
+// outputs of gradient * input.
+template <typename scalar_t, typename code_t>
+__global__ void grad_weight_kernel(
+    const scalar_t* __restrict__ grad_output, const code_t* __restrict__ codes,
+    const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_weight,
+    Dims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t element = blockIdx.x;
+  const int64_t kw = element % d.kernel_w;
+  const int64_t kh = (element / d.kernel_w) % d.kernel_h;
+  const int64_t c_in_group = (element / (d.kernel_w * d.kernel_h)) % d.in_group;
+  const int64_t oc = element / (d.kernel_w * d.kernel_h * d.in_group);
+  const int64_t c = (oc / d.out_group) * d.in_group + c_in_group;
+  const int64_t positions = d.conv_h * d.conv_w;
+  const int64_t pooled = d.pool.pooled_h * d.pool.pooled_w;
+  acc_t acc = 0;
+  for (int64_t item = threadIdx.x; item < d.batch * positions;
+       item += blockDim.x) {
+    const int64_t n = item / positions;
+    const int64_t oh = (item % positions) / d.conv_w;
+    const int64_t ow = item % d.conv_w;
+    const int64_t ih = oh * d.stride_h - d.padding_h + kh * d.dilation_h;
+    const int64_t iw = ow * d.stride_w - d.padding_w + kw * d.dilation_w;
+    const acc_t x = ih >= 0 && ih < d.in_h && iw >= 0 && iw < d.in_w
+        ? static_cast<acc_t>(
+              input[((n * d.in_channels + c) * d.in_h + ih) * d.in_w + iw])
+        : acc_t(0);
+    const int64_t plane = (n * d.out_channels + oc) * pooled;
+    acc += geo::gather_gradient<acc_t>(
+               grad_output + plane, codes + plane, oh, ow, d.pool)
+               .sum *
+        x;
+  }
+  const acc_t total = block_sum(acc);
+  if (threadIdx.x == 0) {
+    grad_weight[element] = static_cast<scalar_t>(total);
+  }
+}
+
+// One block per output channel: the sum of the gradients that pass ReLU.
+template <typename scalar_t, typename code_t>
+__global__ void grad_bias_kernel(
+    const scalar_t* __restrict__ grad_output, const code_t* __restrict__ codes,
+    scalar_t* __restrict__ grad_bias, Dims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t oc = blockIdx.x;
+  const int64_t pooled = d.pool.pooled_h * d.pool.pooled_w;
+  acc_t acc = 0;
+  for (int64_t item = threadIdx.x; item < d.batch * pooled;
+       item += blockDim.x) {
+    const int64_t cell =
+        ((item / pooled) * d.out_channels + oc) * pooled + item % pooled;
+    if (static_cast<int64_t>(codes[cell]) != geo::kNoGradient) {
+      acc += static_cast<acc_t>(grad_output[cell]);
+    }
+  }
+  const acc_t total = block_sum(acc);
+  if (threadIdx.x == 0) {
+    grad_bias[oc] = static_cast<scalar_t>(total);
+  }
+}
+
+template <typename Fn>
+void dispatch_code_type(at::ScalarType code_type, const Fn& fn) {
+  if (code_type == at::kByte) {
+    fn(uint8_t{});
+  } else {
+    fn(int32_t{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
+  const auto params = ops::make_conv_pool_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  const auto shape = ops::check_conv_pool_inputs(input, weight, bias, params);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  const at::Tensor input_c = input.contiguous();
+  const at::Tensor weight_c = weight.contiguous();
+  const at::Tensor bias_c = bias.has_value() && bias->defined()
+      ? bias->contiguous()
+      : at::Tensor();
+  const std::array<int64_t, 4> pooled{
+      shape.batch, shape.out_channels, shape.pooled_h, shape.pooled_w};
+  at::Tensor output = at::empty(pooled, input.options());
+  at::Tensor codes = with_codes
+      ? at::empty(pooled, input.options().dtype(ops::argmax_code_dtype(params)))
+      : at::Tensor();
+  if (output.numel() == 0) {
+    return {output, codes};
+  }
+  const Dims dims = make_dims(shape, params);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(),
+      "conv2d_relu_max_pool2d_cuda", [&] {
+        dispatch_code_type(
+            ops::argmax_code_dtype(params), [&](auto code) {
+              using code_t = decltype(code);
+              forward_kernel<scalar_t, code_t>
+                  <<<blocks_for(output.numel()), kThreads, 0, stream>>>(
+                      input_c.const_data_ptr<scalar_t>(),
+                      weight_c.const_data_ptr<scalar_t>(),
+                      bias_c.defined() ? bias_c.const_data_ptr<scalar_t>()
+                                       : nullptr,
+                      output.mutable_data_ptr<scalar_t>(),
+                      with_codes ? codes.mutable_data_ptr<code_t>() : nullptr,
+                      dims);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+      });
+  return {output, codes};
+}
+
+at::Tensor conv2d_relu_max_pool2d_cuda(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode) {
+  return std::get<0>(forward(
+      input, weight, bias, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode,
+      /*with_codes=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices_cuda(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode) {
+  return forward(
+      input, weight, bias, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode,
+      /*with_codes=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+conv2d_relu_max_pool2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& indices,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, at::IntArrayRef pool_kernel_size,
+    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
+    std::array<bool, 3> output_mask) {
+  const auto params = ops::make_conv_pool_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  const auto shape =
+      ops::check_conv_pool_inputs(input, weight, std::nullopt, params);
+  ops::check_conv_pool_backward_inputs(
+      grad_output, indices, input, shape, params);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  const at::Tensor grad_c = grad_output.contiguous();
+  const at::Tensor codes_c = indices.contiguous();
+  const at::Tensor input_c = input.contiguous();
+  const at::Tensor weight_c = weight.contiguous();
+  at::Tensor grad_input = output_mask[0]
+      ? at::empty(input.sizes(), input.options())
+      : at::Tensor();
+  at::Tensor grad_weight = output_mask[1]
+      ? at::empty(weight.sizes(), weight.options())
+      : at::Tensor();
+  at::Tensor grad_bias = output_mask[2]
+      ? at::empty({shape.out_channels}, weight.options())
+      : at::Tensor();
+  const Dims dims = make_dims(shape, params);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(),
+      "conv2d_relu_max_pool2d_backward_cuda", [&] {
+        dispatch_code_type(codes_c.scalar_type(), [&](auto code) {
+          using code_t = decltype(code);
+          const scalar_t* grad = grad_c.const_data_ptr<scalar_t>();
+          const code_t* codes = codes_c.const_data_ptr<code_t>();
+          if (grad_input.defined() && grad_input.numel() > 0) {
+            grad_input_kernel<scalar_t, code_t>
+                <<<blocks_for(grad_input.numel()), kThreads, 0, stream>>>(
+                    grad, codes, weight_c.const_data_ptr<scalar_t>(),
+                    grad_input.mutable_data_ptr<scalar_t>(), dims);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          if (grad_weight.defined()) {
+            grad_weight_kernel<scalar_t, code_t>
+                <<<grad_weight.numel(), kReduceThreads, 0, stream>>>(
+                    grad, codes, input_c.const_data_ptr<scalar_t>(),
+                    grad_weight.mutable_data_ptr<scalar_t>(), dims);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          if (grad_bias.defined()) {
+            grad_bias_kernel<scalar_t, code_t>
+                <<<grad_bias.numel(), kReduceThreads, 0, stream>>>(
+                    grad, codes, grad_bias.mutable_data_ptr<scalar_t>(), dims);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        });
+      });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ptfast, CUDA, m) {
+  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_cuda);
+  m.impl(
+      "conv2d_relu_max_pool2d_with_indices",
+      &conv2d_relu_max_pool2d_with_indices_cuda);
+  m.impl(
+      "conv2d_relu_max_pool2d_backward",
+      &conv2d_relu_max_pool2d_backward_cuda);
+}
+
+}  // namespace ptfast::cuda

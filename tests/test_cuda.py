@@ -1,0 +1,107 @@
+"""CUDA-only checks: CUDA vs CPU, half types, autocast, huge tensors, determinism.
+
+The device-parametrised tests of the other files also run on CUDA when a GPU
+is visible; here are the checks that only make sense there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptfast
+from conftest import block_inputs, native_block
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+CONFIGS = [
+    ((64, 1, 10, 28, 28, 5, 1), {}),
+    ((64, 10, 20, 12, 12, 5, 1), {}),
+    ((8, 4, 6, 17, 15, (3, 2), 2), dict(groups=2, stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                                        pool_kernel_size=(3, 2), pool_stride=(2, 1), pool_padding=(1, 1),
+                                        ceil_mode=True)),
+    ((4, 3, 5, 13, 13, 3, 1), dict(pool_kernel_size=3, pool_stride=1, padding=1)),
+]
+
+
+def _forward_backward(x, w, b, kwargs):
+    out = ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs)
+    grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("shape,kwargs", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu(shape, kwargs, dtype):
+    cpu = block_inputs(*shape, True, dtype)
+    cuda = [t.detach().cuda().requires_grad_() for t in cpu]
+    for a, e in zip(_forward_backward(*cuda, kwargs), _forward_backward(*cpu, kwargs)):
+        torch.testing.assert_close(a.cpu(), e)
+
+
+@pytest.mark.parametrize("shape,kwargs", CONFIGS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_half_types_match_native(shape, kwargs, dtype, tol):
+    x, w, b = (t.detach().cuda().to(dtype).requires_grad_() for t in block_inputs(*shape, True, torch.float32))
+    ours = _forward_backward(x, w, b, kwargs)
+    ref_out = native_block(x, w, b, **kwargs)
+    ref = [ref_out, *torch.autograd.grad(ref_out, (x, w, b), torch.ones_like(ref_out))]
+    for a, e in zip(ours, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+
+
+def test_autocast_runs_block_in_autocast_dtype_and_log_softmax_in_float32():
+    x, w, b = (t.detach().cuda() for t in block_inputs(16, 1, 10, 28, 28, 5, 1, True, torch.float32))
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b)
+        ref = native_block(x, w, b)
+        logp = ptfast.log_softmax(out.flatten(1), dim=1)
+        ref_logp = F.log_softmax(ref.flatten(1), dim=1)
+    assert out.dtype == ref.dtype == torch.float16
+    assert logp.dtype == ref_logp.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logp, ref_logp, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_backward_reaches_float32_parameters():
+    x, w, b = (t.detach().cuda().requires_grad_() for t in block_inputs(4, 3, 4, 12, 12, 3, 1, True, torch.float32))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b)
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,dim", [((4096, 32000), 1), ((65536, 10), 1), ((64, 10), 1), ((128, 257, 9), 1)])
+def test_log_softmax_cuda_matches_native(shape, dim, dtype):
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    y, r = ptfast.log_softmax(x, dim), F.log_softmax(x, dim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, r, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(r, x, g)[0], rtol=tol, atol=tol)
+
+
+def test_log_softmax_more_than_2_31_elements():
+    rows, length = 2**31 // 4096 + 3, 4096
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * rows * length * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory for a > 2^31-element half tensor, its output and gradient")
+    x = torch.randn(rows, length, device="cuda", dtype=torch.float16)
+    y = ptfast.log_softmax(x, 1)
+    for row in (0, rows // 2, rows - 1):
+        torch.testing.assert_close(y[row], F.log_softmax(x[row], 0), rtol=1e-2, atol=1e-2)
+    del y
+    grad = ptfast.log_softmax(x, 0)  # non-last dim on the same > 2^31 tensor
+    torch.testing.assert_close(grad[:, :8], F.log_softmax(x[:, :8].float(), 0).half(), rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_deterministic():
+    x, w, b = (t.detach().cuda().requires_grad_() for t in block_inputs(64, 10, 20, 12, 12, 5, 1, True, torch.float32))
+    x = (x.detach() + 1e-3 * torch.randn_like(x)).requires_grad_()
+    first = _forward_backward(x, w, b, {})
+    for _ in range(3):
+        for a, e in zip(_forward_backward(x, w, b, {}), first):
+            assert torch.equal(a, e)
