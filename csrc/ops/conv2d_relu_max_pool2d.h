@@ -68,17 +68,6 @@ void check_conv_pool_backward_inputs(
     const at::Tensor& input, const ConvPoolShape& shape,
     const ConvPoolParams& params);
 
-// The sparse backward adds nothing for conv outputs that receive no gradient,
-// while the native composite multiplies their zero gradient by the input
-// (for grad_weight) and the weight (for grad_input): 0 * inf and 0 * NaN make
-// NaN there. This sets those entries to NaN, so that non-finite values
-// propagate exactly as in native torch. It only costs a finiteness check
-// unless `input` or `weight` holds a non-finite value.
-void propagate_non_finite_like_native(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& codes,
-    const at::Tensor& grad_input, const at::Tensor& grad_weight,
-    const ConvPoolShape& shape, const ConvPoolParams& params);
-
 // Calls through the dispatcher, for kernels that build on the ops.
 at::Tensor conv2d_relu_max_pool2d(
     const at::Tensor& input, const at::Tensor& weight,

@@ -3,8 +3,17 @@
 // copy of the kernel for this CPU (csrc/ops/cpu/isa/).
 #include "ops/cpu/conv2d_relu_max_pool2d_kernel.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/col2im.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/im2col.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include <tuple>
 
@@ -14,6 +23,79 @@ IsaDispatch<ConvPoolForwardFn> conv_pool_forward_stub;
 IsaDispatch<ConvPoolBackwardFn> conv_pool_backward_stub;
 
 namespace {
+
+// (N, OC, conv_h * conv_w) bool: conv outputs whose gradient is zero.
+at::Tensor conv_positions_without_gradient(
+    const at::Tensor& codes, const ops::ConvPoolShape& s,
+    const ops::ConvPoolParams& p) {
+  const at::Tensor code = codes.to(at::kLong);
+  const at::Tensor position = (code - 1).clamp_min(0);
+  const auto options = code.options();
+  const at::Tensor oh = at::arange(s.pooled_h, options).view({1, 1, -1, 1}) *
+          p.pool_stride[0] -
+      p.pool_padding[0] + position.div(p.pool_kernel[1], "floor");
+  const at::Tensor ow = at::arange(s.pooled_w, options).view({1, 1, 1, -1}) *
+          p.pool_stride[1] -
+      p.pool_padding[1] + position.remainder(p.pool_kernel[1]);
+  const int64_t positions = s.conv_h * s.conv_w;
+  // Windows without gradient scatter into one extra, discarded slot.
+  const at::Tensor index = (oh * s.conv_w + ow)
+                               .masked_fill(code == geometry::kNoGradient, positions);
+  at::Tensor has_gradient = at::zeros(
+      {s.batch, s.out_channels, positions + 1}, options.dtype(at::kBool));
+  has_gradient.scatter_(2, index.flatten(2), true);
+  return has_gradient.narrow(2, 0, positions).logical_not();
+}
+
+// The sparse backward adds nothing for conv outputs that receive no gradient,
+// while the native composite multiplies their zero gradient by the input
+// (for grad_weight) and by the weight (for grad_input): 0 * inf and 0 * NaN
+// make NaN there. This sets those entries to NaN, so that non-finite values
+// propagate exactly as in native torch. Only called when `input` (for
+// grad_weight) or `weight` (for grad_input) holds a non-finite value.
+void propagate_non_finite_like_native(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& codes,
+    const at::Tensor& grad_input, const at::Tensor& grad_weight,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  const int64_t in_group = s.in_channels_per_group(p);
+  const int64_t out_group = s.out_channels_per_group(p);
+  const int64_t taps = in_group * s.kernel_h * s.kernel_w;
+  const std::array<int64_t, 2> kernel{s.kernel_h, s.kernel_w};
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const at::Tensor idle =
+      conv_positions_without_gradient(codes, s, p).to(input.scalar_type());
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const at::Tensor idle_g = idle.narrow(1, g * out_group, out_group);
+    if (grad_weight.defined()) {
+      // (N, taps, positions): which taps of each conv output read a
+      // non-finite input value.
+      const at::Tensor bad_taps = at::im2col(
+          at::isfinite(input.narrow(1, g * in_group, in_group))
+              .logical_not()
+              .to(input.scalar_type()),
+          kernel, p.dilation, p.padding, p.stride);
+      const at::Tensor reached =
+          at::matmul(idle_g, bad_taps.transpose(1, 2)).sum(0) > 0;
+      grad_weight.narrow(0, g * out_group, out_group)
+          .view({out_group, taps})
+          .masked_fill_(reached, nan);
+    }
+    if (grad_input.defined()) {
+      const at::Tensor bad_weight =
+          at::isfinite(weight.narrow(0, g * out_group, out_group)
+                           .reshape({out_group, taps}))
+              .logical_not()
+              .to(input.scalar_type());
+      // (N, taps, positions) -> (N, in_group, H, W): inputs that a
+      // non-finite weight meets at a conv output without gradient.
+      const at::Tensor reached =
+          at::col2im(
+              at::matmul(bad_weight.t(), idle_g), {s.in_h, s.in_w}, kernel,
+              p.dilation, p.padding, p.stride) > 0;
+      grad_input.narrow(1, g * in_group, in_group).masked_fill_(reached, nan);
+    }
+  }
+}
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK_TYPE(
@@ -111,12 +193,18 @@ conv2d_relu_max_pool2d_backward_cpu(
     }
     return {grad_input, grad_weight, grad_bias};
   }
+  bool input_non_finite = false;
   conv_pool_backward_stub.get("conv2d_relu_max_pool2d_backward")(
       {grad_output.contiguous(), indices.contiguous(), input.contiguous(),
-       weight.contiguous(), grad_input, grad_weight, grad_bias, shape,
-       params});
-  ops::propagate_non_finite_like_native(
-      input, weight, indices, grad_input, grad_weight, shape, params);
+       weight.contiguous(), grad_input, grad_weight, grad_bias, shape, params,
+       &input_non_finite});
+  const bool weight_non_finite =
+      grad_input.defined() && !at::isfinite(weight).all().item<bool>();
+  if (input_non_finite || weight_non_finite) {
+    propagate_non_finite_like_native(
+        input, weight, indices, weight_non_finite ? grad_input : at::Tensor(),
+        input_non_finite ? grad_weight : at::Tensor(), shape, params);
+  }
   return {grad_input, grad_weight, grad_bias};
 }
 

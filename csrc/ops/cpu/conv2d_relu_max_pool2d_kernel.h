@@ -28,6 +28,9 @@ struct ConvPoolBackwardArgs {
   const at::Tensor& grad_bias;    // written, or undefined if not needed
   const ops::ConvPoolShape& shape;
   const ops::ConvPoolParams& params;
+  // Set when grad_weight is computed and `input` holds an inf or NaN, which
+  // the kernel sees for free while it reads the input.
+  bool* input_non_finite;
 };
 
 using ConvPoolForwardFn = void (*)(const ConvPoolForwardArgs&);

@@ -433,6 +433,28 @@ inline void axpy(
   }
 }
 
+// Whether any of values[0, count) is inf or NaN: x - x is NaN exactly then.
+template <typename scalar_t>
+bool has_non_finite(const scalar_t* values, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec sum(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) {
+    const Vec v = Vec::loadu(values + i);
+    sum += v - v;
+  }
+  scalar_t rest = 0;
+  for (; i < count; ++i) {
+    rest += values[i] - values[i];
+  }
+  scalar_t lanes[Vec::size()];
+  sum.store(lanes);
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+    rest += lanes[lane];
+  }
+  return std::isnan(rest);
+}
+
 // (C, H, W) -> (H, W, C) and back, for one image and group.
 template <typename scalar_t>
 void to_channels_last(
@@ -566,6 +588,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   const int64_t partial_size =
       need_weight || need_bias ? s.out_channels * (weight_size + 1) : 0;
   std::vector<acc_t> partials(used_chunks * partial_size, acc_t(0));
+  std::vector<uint8_t> non_finite(used_chunks, 0);
 
   const int64_t chunk_flops = chunk_images * s.out_channels * pooled * weight_size;
   at::parallel_for(
@@ -587,6 +610,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                   (n * s.in_channels + group * in_group) * plane;
               if (need_weight) {
                 to_channels_last(image_cl.data(), input + slice, in_group, plane);
+                non_finite[chunk] |= has_non_finite(image_cl.data(), in_group * plane);
                 std::fill(
                     image_weight_grad.begin(), image_weight_grad.end(),
                     scalar_t(0));
@@ -687,6 +711,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
         }
       });
 
+  *a.input_non_finite = std::any_of(
+      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
   if (!need_weight && !need_bias) {
     return;
   }
