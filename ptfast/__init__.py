@@ -3,6 +3,8 @@
     ptfast.conv2d_relu_max_pool2d   conv2d + bias + ReLU + max_pool2d in one op
     ptfast.log_softmax              log_softmax
     ptfast.nn                       the same as drop-in modules
+    ptfast.fuse                     rewrite a model's conv/ReLU/max-pool chains and log_softmax to them (torch.fx)
+    ptfast.models                   ready-made models (MnistCNN)
 
 The operators are also reachable as ``torch.ops.ptfast.*``.
 """
@@ -13,7 +15,9 @@ from ptfast import _C  # noqa: F401  (loads the library that registers the opera
 from ptfast import _fake  # noqa: F401  (registers their fake implementations)
 from ptfast import nn
 from ptfast.functional import conv2d_relu_max_pool2d, log_softmax
+from ptfast._fuse import FuseError, fuse
+from ptfast import models
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d_relu_max_pool2d", "log_softmax", "nn", "__version__"]
+__all__ = ["conv2d_relu_max_pool2d", "log_softmax", "nn", "fuse", "FuseError", "models", "__version__"]
