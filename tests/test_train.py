@@ -1,0 +1,225 @@
+"""ptfast.train (`ptfast-mnist`): smoke runs on tiny IDX files, --impl both, --save, offline, DDP."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ptfast import data
+from ptfast.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# The tutorial's Net (section 5.3), verbatim: what --save must load into.
+class Net(nn.Module):
+    def __init__(self):
+        super(Net, self).__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = x.view(-1, 320)
+        x = F.relu(self.fc1(x))
+        x = F.dropout(x, training=self.training)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
+
+
+def _tiny_dataset(folder: Path, n_train: int = 192, n_test: int = 50) -> Path:
+    """Class k: a bright bar at row 2k plus noise, so a few steps already learn something."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for i, k in enumerate(labels.tolist()):
+            images[i, 2 * k + 2 : 2 * k + 5, 4:24] = 250
+        return images.to(torch.uint8), labels.to(torch.uint8)
+
+    data.write_dataset(folder, make(n_train), make(n_test))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _tiny_dataset(tmp_path_factory.mktemp("tiny-mnist"))
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+SUMMARY = re.compile(
+    r"^(native|fused): test accuracy (\d+\.\d\d)% \((\d+)/(\d+)\), test loss (\d+\.\d+), "
+    r"[\d.]+ s/epoch, \d+ images/s$",
+    re.M,
+)
+
+
+def test_module_entry_smoke_run(tiny):
+    """`python -m ptfast.train` as a user runs it: a few steps, exit 0, the summary line."""
+    cmd = [sys.executable, "-m", "ptfast.train", "--data-root", str(tiny), "--max-steps", "3", "--no-download"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = SUMMARY.findall(proc.stdout)
+    assert summary[0] == "fused" and summary[3] == "50"
+
+
+def test_impl_both_prints_the_table_and_matches(tiny, capsys):
+    assert main(["--data-root", str(tiny), "--impl", "both", "--epochs", "2", "--max-steps", "5", "--no-download"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^impl\s+s/epoch\s+images/s\s+test loss\s+test accuracy$", out, re.M)
+    rows = dict(
+        (m.group(1), (float(m.group(2)), float(m.group(3))))
+        for m in re.finditer(r"^(native|fused)\s+[\d.]+\s+\d+\s+(\d+\.\d{4})\s+(\d+\.\d\d)%$", out, re.M)
+    )
+    assert set(rows) == {"native", "fused"}
+    # Same seed, same batches, same dropout masks: the two trainings agree up to rounding.
+    assert rows["native"][0] == pytest.approx(rows["fused"][0], abs=2e-4)
+    assert "fused vs native" in out
+    assert [s[0] for s in SUMMARY.findall(out)] == ["native", "fused"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "native"])
+def test_save_loads_into_the_tutorial_net(tiny, tmp_path, capsys, impl):
+    path = tmp_path / "net.pt"
+    argv = ["--data-root", str(tiny), "--impl", impl, "--max-steps", "4", "--no-download", "--save", str(path)]
+    assert main(argv) == 0
+    state = torch.load(path)
+    net = Net()
+    assert set(state) == set(net.state_dict())
+    net.load_state_dict(state)  # strict
+    # The saved weights are the trained ones, not the initial ones.
+    torch.manual_seed(1)
+    assert not torch.equal(Net().conv1.weight, net.conv1.weight)
+    out = capsys.readouterr().out
+    (summary,) = SUMMARY.findall(out)
+    # Evaluated by the tutorial's own Net on the test files, the saved model scores what the summary says.
+    d = data.load("mnist", tiny, download_missing=False)
+    with torch.no_grad():
+        output = net.eval()(data.normalize(d.test_images))
+    assert int((output.argmax(1) == d.test_labels).sum()) == int(summary[2])
+    assert F.nll_loss(output, d.test_labels).item() == pytest.approx(float(summary[4]), abs=1e-4)
+
+
+def test_cli_trains_exactly_the_plain_loop(tiny, tmp_path):
+    """The CLI is pytorch/examples' loop and nothing else: its warm-up step and timing change no weight."""
+    from ptfast.models import MnistCNN
+
+    path = tmp_path / "cli.pt"
+    assert main(["--data-root", str(tiny), "--max-steps", "3", "--no-download", "--save", str(path)]) == 0
+    d = data.load("mnist", tiny, download_missing=False)
+    torch.manual_seed(1)  # --seed 1
+    net = MnistCNN(fused=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+    batches = data.Batches(d.train_images, d.train_labels, 64, shuffle=True, seed=1)
+    batches.set_epoch(1)
+    torch.manual_seed(2)  # epoch 1's dropout seed: seed + epoch
+    net.train()
+    for step, (x, target) in zip(range(3), batches):
+        optimizer.zero_grad()
+        F.nll_loss(net(x), target).backward()
+        optimizer.step()
+    saved = torch.load(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(saved[key], value), key
+
+
+def test_save_both_with_impl_placeholder(tiny, tmp_path):
+    argv = ["--data-root", str(tiny), "--impl", "both", "--max-steps", "2", "--no-download",
+            "--save", str(tmp_path / "{impl}.pt")]
+    assert main(argv) == 0
+    native, fused = torch.load(tmp_path / "native.pt"), torch.load(tmp_path / "fused.pt")
+    for key in native:
+        torch.testing.assert_close(native[key], fused[key], rtol=1e-4, atol=1e-5)
+
+
+def test_training_learns_and_min_accuracy_gates(tiny, capsys):
+    argv = ["--data-root", str(tiny), "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--no-download"]
+    assert main(argv + ["--min-accuracy", "50"]) == 0
+    accuracy = float(SUMMARY.findall(capsys.readouterr().out)[-1][1])
+    assert accuracy >= 50
+    assert main(argv + ["--max-steps", "1", "--min-accuracy", "100.01"]) == 3
+    assert "below --min-accuracy" in capsys.readouterr().out
+
+
+def test_adadelta_and_verbose_time_split(tiny, capsys):
+    argv = ["--data-root", str(tiny), "--optimizer", "adadelta", "--epochs", "2", "--max-steps", "6", "--verbose",
+            "--no-download", "--test-batch-size", "7"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "adadelta lr 1.0" in out
+    assert re.search(r"data \(index \+ normalise\) [\d.]+ s, compute \(forward \+ backward \+ step\) [\d.]+ s", out)
+    assert "images decoded from IDX" in out
+    assert len(SUMMARY.findall(out)) == 1
+
+
+def test_compile_smoke(tiny, capsys):
+    argv = ["--data-root", str(tiny), "--max-steps", "2", "--no-download"]
+    argv += ["--compile", "--compile-backend", "aot_eager"]
+    assert main(argv) == 0
+    assert "torch.compile" in capsys.readouterr().out
+
+
+def test_offline_message(tmp_path, capsys):
+    empty = tmp_path / "nothing-here"
+    assert main(["--dataset", "fashion-mnist", "--data-root", str(empty), "--no-download"]) == 1
+    err = capsys.readouterr().err
+    for name in data.FILES.values():
+        assert f"{name}.gz" in err
+    assert str(empty / "FashionMNIST" / "raw") in err
+    assert "apt-get install dataset-fashion-mnist" in err
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        main(["--impl", "cudnn"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank saves its own weights; they must be equal and trained."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "ptfast.train",
+        "--data-root", str(tiny), "--max-steps", "3", "--batch-size", "16", "--device", "cpu", "--no-download",
+        "--save", str(tmp_path / "rank{rank}.pt"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x 2 processes (DDP)" in proc.stdout
+    # Only rank 0 prints the summary, with the test metrics reduced over both ranks' halves of the test set.
+    (summary,) = SUMMARY.findall(proc.stdout)
+    assert summary[3] == "50"
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert set(rank0) == set(Net().state_dict())
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    torch.manual_seed(1)
+    assert not torch.equal(Net().fc2.weight, rank0["fc2.weight"])
