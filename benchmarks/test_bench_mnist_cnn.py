@@ -1,0 +1,12 @@
+"""The tutorial's MNIST CNN end to end: MnistCNN(fused=True) vs MnistCNN(fused=False), eager and compiled.
+
+One SGD training step (lr 0.01, momentum 0.5, nll_loss, train mode) and an
+inference forward (eval mode, no_grad). Batches: ptfast.benchmark.cases.mnist_batches.
+Skipped while ptfast.models is not there. Run: pytest benchmarks/test_bench_mnist_cnn.py
+"""
+
+FAMILY = "mnist_cnn"
+
+
+def test_mnist_cnn(case, implementation, device, measure):
+    measure(case, implementation, device)

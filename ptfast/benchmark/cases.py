@@ -1,0 +1,406 @@
+"""The benchmark cases: what is timed, at which shapes, and the code of each implementation.
+
+Both front ends, ``ptfast-bench`` (``ptfast.benchmark.cli``) and the
+pytest-benchmark files under ``benchmarks/``, take their cases from here, so
+every shape is written down once.
+
+A case's ``setup(device, dtype)`` draws fresh random inputs (never zeros: a
+zero input would make ReLU and max-pool degenerate) and returns one
+zero-argument callable per implementation:
+
+    "ptfast"   ptfast's fused operators (or ``MnistCNN(fused=True)``)
+    "eager"    the same computation in native PyTorch ops, run eagerly
+    "compile"  that native code through ``torch.compile`` (default mode, whole
+               graph, static shapes), compiled lazily on its first call, which
+               the timing does during warm-up
+
+The smoke set compiles with the "aot_eager" backend instead of inductor: it
+still captures the whole graph and its backward, but skips inductor's C++
+code generation, which takes over a minute on a cold cache and would only slow the
+tests down.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import ptfast
+
+Implementation = Literal["ptfast", "eager", "compile"]
+IMPLEMENTATIONS: tuple[Implementation, ...] = ("ptfast", "eager", "compile")
+
+Selection = Literal["smoke", "quick", "full"]
+SELECTIONS: tuple[Selection, ...] = ("smoke", "quick", "full")
+
+COMPILE_BACKENDS: dict[Selection, str] = {"smoke": "aot_eager", "quick": "inductor", "full": "inductor"}
+
+Step = Callable[[], object]
+"""One timed call: a forward, a forward+backward or a training step."""
+
+Build = Callable[[torch.device, torch.dtype, str], dict[str, Step]]
+"""(device, dtype, compile backend) -> one step per implementation."""
+
+FAMILIES = ("conv2d_relu_max_pool2d", "log_softmax", "mnist_cnn")
+
+# Seed of every input draw: reruns time the same numbers.
+SEED = 0
+
+
+class CaseUnavailable(Exception):
+    """A case cannot run in this installation (e.g. ptfast.models is not there yet)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: an operation of an op family at one shape.
+
+    ``name`` ("family/op/shape") identifies it in tables, results.json and
+    pytest ids; ``build`` does the work of ``setup``.
+    """
+
+    family: str
+    op: str
+    shape: str
+    build: Build = field(repr=False, compare=False)
+    compile_backend: str = "inductor"
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.op}/{self.shape}"
+
+    def setup(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Step]:
+        """Fresh inputs on `device` and one callable per implementation.
+
+        torch.compile's caches are reset first: every case compiles its own
+        static-shape graph, and the per-function recompile limit of earlier
+        cases cannot silently send this one back to eager.
+        """
+        torch._dynamo.reset()
+        return self.build(torch.device(device), dtype, self.compile_backend)
+
+
+def compile_native(function: Callable, backend: str) -> Callable:
+    """`function` through torch.compile: default mode, one graph, shapes fixed per case."""
+    return torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+
+
+def _random(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """Standard-normal data, drawn on the CPU so every device times the same numbers."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def _no_grad(function: Callable[[], object]) -> Step:
+    def step() -> object:
+        with torch.no_grad():
+            return function()
+
+    return step
+
+
+# --------------------------------------------------------------------------- conv2d + ReLU + max_pool2d
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A conv2d(k, padding) + ReLU + max_pool2d(2) block on an (N, C_in, H, H) input.
+
+    ``input_requires_grad`` is False for a network's first block (its input
+    is data) and True for later blocks, whose backward also computes grad_input.
+    """
+
+    label: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    size: int
+    padding: int
+    input_requires_grad: bool
+
+    def describe(self) -> str:
+        return (
+            f"{self.label} {self.in_channels}->{self.out_channels} k{self.kernel} "
+            f"{self.size}x{self.size} N{self.batch}"
+        )
+
+    def arguments(
+        self, device: torch.device, dtype: torch.dtype, requires_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(input (N, C_in, H, H), weight (C_out, C_in, k, k), bias (C_out,)).
+
+        Weights have nn.Conv2d's scale (1 / sqrt(fan_in)) so that about half
+        of the conv outputs are positive, as in a trained network.
+        """
+        generator = torch.Generator().manual_seed(SEED)
+        fan_in = self.in_channels * self.kernel * self.kernel
+        input = _random((self.batch, self.in_channels, self.size, self.size), device, dtype, generator)
+        weight = _random((self.out_channels, self.in_channels, self.kernel, self.kernel), device, dtype, generator)
+        weight = weight / fan_in**0.5
+        bias = _random((self.out_channels,), device, dtype, generator) / fan_in**0.5
+        if requires_grad:
+            input.requires_grad_(self.input_requires_grad)
+            weight.requires_grad_()
+            bias.requires_grad_()
+        return input, weight, bias
+
+
+def native_block(input: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+    """The native composite ptfast.conv2d_relu_max_pool2d fuses."""
+    return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, padding=padding)), 2)
+
+
+def fused_block(input: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+    return ptfast.conv2d_relu_max_pool2d(input, weight, bias, padding=padding, pool_kernel_size=2)
+
+
+def block_forwards(shape: BlockShape, compile_backend: str) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The block's forward per implementation, for (input, weight, bias)."""
+    native = functools.partial(native_block, padding=shape.padding)
+    return {
+        "ptfast": functools.partial(fused_block, padding=shape.padding),
+        "eager": native,
+        "compile": compile_native(native, compile_backend),
+    }
+
+
+def _block_inference(shape: BlockShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        arguments = shape.arguments(device, dtype, requires_grad=False)
+        return {
+            name: _no_grad(functools.partial(forward, *arguments))
+            for name, forward in block_forwards(shape, compile_backend).items()
+        }
+
+    return build
+
+
+def _block_forward_backward(shape: BlockShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        arguments = shape.arguments(device, dtype, requires_grad=True)
+        leaves = [t for t in arguments if t.requires_grad]
+        with torch.no_grad():
+            output_shape = native_block(*arguments, padding=shape.padding).shape
+        grad_output = _random(tuple(output_shape), device, dtype, torch.Generator().manual_seed(SEED + 1))
+
+        def step(forward: Callable) -> Step:
+            # autograd.grad returns fresh gradients instead of accumulating
+            # into .grad, so no implementation pays for an extra add.
+            return lambda: torch.autograd.grad(forward(*arguments), leaves, grad_output)
+
+        return {name: step(forward) for name, forward in block_forwards(shape, compile_backend).items()}
+
+    return build
+
+
+def _mnist_block1(batch: int) -> BlockShape:
+    return BlockShape("mnist1", batch, 1, 10, 5, 28, 0, input_requires_grad=False)
+
+
+def _mnist_block2(batch: int) -> BlockShape:
+    return BlockShape("mnist2", batch, 10, 20, 5, 12, 0, input_requires_grad=True)
+
+
+def block_shapes(selection: Selection) -> list[BlockShape]:
+    """The tutorial's two blocks at batch 1, 64 (and 1024 in the full set), and two CIFAR-like blocks at 64."""
+    if selection == "smoke":
+        return [_mnist_block2(2)]
+    batches = [1, 64, 1024] if selection == "full" else [1, 64]
+    shapes = [block(n) for block in (_mnist_block1, _mnist_block2) for n in batches]
+    shapes += [
+        BlockShape("cifar1", 64, 3, 32, 3, 32, 1, input_requires_grad=False),
+        BlockShape("cifar2", 64, 32, 64, 3, 16, 1, input_requires_grad=True),
+    ]
+    return shapes
+
+
+def memory_case_name(shape: BlockShape) -> str:
+    return f"conv2d_relu_max_pool2d/saved_for_backward/{shape.describe()}"
+
+
+def memory_block_shapes(selection: Selection, pattern: str | None = None) -> list[BlockShape]:
+    """The MNIST blocks of `selection` whose saved-for-backward bytes are reported
+    (those whose memory_case_name matches `pattern`, as in select_cases)."""
+    return [
+        shape
+        for shape in block_shapes(selection)
+        if shape.label.startswith("mnist") and name_matches(memory_case_name(shape), pattern)
+    ]
+
+
+# --------------------------------------------------------------------------- log_softmax
+
+
+@dataclass(frozen=True)
+class LogSoftmaxShape:
+    """log_softmax over `dim` of a tensor of `size`."""
+
+    size: tuple[int, ...]
+    dim: int
+
+    def describe(self) -> str:
+        text = "x".join(map(str, self.size))
+        return text if self.dim in (-1, len(self.size) - 1) else f"{text} dim{self.dim}"
+
+
+def log_softmax_shapes(selection: Selection) -> list[LogSoftmaxShape]:
+    """Classifier heads from 10 classes to a 32000-token vocabulary, and a
+    segmentation map normalised over its channel dim (not the last one)."""
+    if selection == "smoke":
+        return [LogSoftmaxShape((8, 10), -1), LogSoftmaxShape((2, 3, 4, 4), 1)]
+    return [
+        LogSoftmaxShape((64, 10), -1),
+        LogSoftmaxShape((4096, 10), -1),
+        LogSoftmaxShape((65536, 10), -1),
+        LogSoftmaxShape((4096, 1000), -1),
+        LogSoftmaxShape((256, 32000), -1),
+        LogSoftmaxShape((16, 21, 64, 64), 1),
+    ]
+
+
+def _native_log_softmax(input: Tensor, dim: int) -> Tensor:
+    return F.log_softmax(input, dim)
+
+
+def _log_softmax_forwards(shape: LogSoftmaxShape, compile_backend: str) -> dict[str, Callable[[Tensor], Tensor]]:
+    native = functools.partial(_native_log_softmax, dim=shape.dim)
+    return {
+        "ptfast": functools.partial(ptfast.log_softmax, dim=shape.dim),
+        "eager": native,
+        "compile": compile_native(native, compile_backend),
+    }
+
+
+def _log_softmax_inference(shape: LogSoftmaxShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        input = _random(shape.size, device, dtype, torch.Generator().manual_seed(SEED))
+        return {
+            name: _no_grad(functools.partial(forward, input))
+            for name, forward in _log_softmax_forwards(shape, compile_backend).items()
+        }
+
+    return build
+
+
+def _log_softmax_forward_backward(shape: LogSoftmaxShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        generator = torch.Generator().manual_seed(SEED)
+        input = _random(shape.size, device, dtype, generator).requires_grad_()
+        grad_output = _random(shape.size, device, dtype, generator)
+
+        def step(forward: Callable) -> Step:
+            return lambda: torch.autograd.grad(forward(input), input, grad_output)
+
+        return {name: step(forward) for name, forward in _log_softmax_forwards(shape, compile_backend).items()}
+
+    return build
+
+
+# --------------------------------------------------------------------------- the tutorial's CNN, end to end
+
+
+def mnist_batches(selection: Selection) -> list[int]:
+    if selection == "smoke":
+        return [2]
+    return [32, 64, 256, 1024] if selection == "full" else [32, 64, 256]
+
+
+def _mnist_models(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """MnistCNN per implementation, all with the same initial weights."""
+    try:
+        from ptfast.models import MnistCNN
+    except ImportError as error:
+        raise CaseUnavailable(f"ptfast.models.MnistCNN is not available ({error})") from error
+    models = {}
+    for name, fused in (("ptfast", True), ("eager", False), ("compile", False)):
+        torch.manual_seed(SEED)
+        models[name] = MnistCNN(fused=fused).to(device, dtype)
+    return models
+
+
+def _mnist_data(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(images (N, 1, 28, 28), labels (N,)) drawn at random."""
+    generator = torch.Generator().manual_seed(SEED)
+    images = _random((batch, 1, 28, 28), device, dtype, generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
+    return images, labels
+
+
+def _mnist_train_step(batch: int) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        models = _mnist_models(device, dtype)
+        images, labels = _mnist_data(batch, device, dtype)
+
+        def step(model: torch.nn.Module, compiled: bool) -> Step:
+            model.train()
+            forward = compile_native(model, compile_backend) if compiled else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+
+            def train_step() -> Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.nll_loss(forward(images), labels)
+                loss.backward()
+                optimizer.step()
+                return loss
+
+            return train_step
+
+        return {name: step(model, compiled=name == "compile") for name, model in models.items()}
+
+    return build
+
+
+def _mnist_inference(batch: int) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        models = _mnist_models(device, dtype)
+        images, _ = _mnist_data(batch, device, dtype)
+
+        def step(model: torch.nn.Module, compiled: bool) -> Step:
+            model.eval()
+            forward = compile_native(model, compile_backend) if compiled else model
+            return _no_grad(functools.partial(forward, images))
+
+        return {name: step(model, compiled=name == "compile") for name, model in models.items()}
+
+    return build
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def all_cases(selection: Selection) -> list[Case]:
+    """Every case of `selection`: "smoke" (tiny shapes, for tests), "quick" (no batch 1024) or "full"."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    builds: list[tuple[str, str, str, Build]] = []
+    for shape in block_shapes(selection):
+        builds.append(("conv2d_relu_max_pool2d", "inference", shape.describe(), _block_inference(shape)))
+        builds.append(("conv2d_relu_max_pool2d", "forward+backward", shape.describe(), _block_forward_backward(shape)))
+    for shape in log_softmax_shapes(selection):
+        builds.append(("log_softmax", "inference", shape.describe(), _log_softmax_inference(shape)))
+        builds.append(("log_softmax", "forward+backward", shape.describe(), _log_softmax_forward_backward(shape)))
+    for batch in mnist_batches(selection):
+        builds.append(("mnist_cnn", "train_step", f"N{batch}", _mnist_train_step(batch)))
+        builds.append(("mnist_cnn", "inference", f"N{batch}", _mnist_inference(batch)))
+    return [Case(*fields, compile_backend=COMPILE_BACKENDS[selection]) for fields in builds]
+
+
+def name_matches(name: str, pattern: str | None) -> bool:
+    """Whether `name` contains `pattern`, which may hold shell wildcards
+    (e.g. "log_softmax/inference" or "mnist1*N64"); None matches everything."""
+    return pattern is None or fnmatch.fnmatchcase(name, f"*{pattern}*")
+
+
+def select_cases(selection: Selection, family: str | None = None, pattern: str | None = None) -> list[Case]:
+    """The cases of `selection`, of one `family` if given, whose name matches `pattern` if given."""
+    return [
+        case
+        for case in all_cases(selection)
+        if (family is None or case.family == family) and name_matches(case.name, pattern)
+    ]

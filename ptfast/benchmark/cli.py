@@ -1,0 +1,126 @@
+"""``ptfast-bench`` (also ``python -m ptfast.benchmark``): time ptfast against eager and compiled PyTorch.
+
+    ptfast-bench                 quick set, CPU (+ CUDA when visible), about 3 minutes on 2 cores
+    ptfast-bench --full          every shape, batch 1024 included
+    ptfast-bench --only log_softmax --device cpu
+    ptfast-bench --smoke --out /tmp/bench   tiny shapes, one repeat: checks the suite runs
+
+Prints a table of times and speedups, and writes results.json, results.md
+and speedup-<device>-<family>.png to --out (default
+benchmarks/results/<machine>/ under the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ptfast.benchmark.cases import COMPILE_BACKENDS, Selection, memory_block_shapes, select_cases
+from ptfast.benchmark.machine import describe_machine
+from ptfast.benchmark.memory import MemoryResult, measure_block_memory
+from ptfast.benchmark.report import text_report, write_report
+from ptfast.benchmark.runner import CaseResult, run_cases
+from ptfast.benchmark.timing import TIMING_SETTINGS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ptfast-bench",
+        description="Time ptfast's fused ops against native eager PyTorch and torch.compile, side by side.",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--full", action="store_true", help="every shape (batch 1024 included); the default is the quick set"
+    )
+    size.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, one repeat: checks that the suite runs (for tests)"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], default="auto",
+        help="auto (default): CPU, and CUDA too when a GPU is visible",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="directory for results.json, results.md and the plots (default: benchmarks/results/<machine>)",
+    )
+    parser.add_argument(
+        "--only", metavar="PATTERN", default=None,
+        help='run only cases whose name contains PATTERN (shell wildcards allowed), e.g. "log_softmax" or "mnist1*N64"',
+    )
+    return parser.parse_args(argv)
+
+
+def selection_of(args: argparse.Namespace) -> Selection:
+    return "full" if args.full else "smoke" if args.smoke else "quick"
+
+
+def devices_of(args: argparse.Namespace) -> list[torch.device]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ptfast-bench: --device cuda, but torch sees no CUDA device")
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return [torch.device("cpu")]
+    if args.device == "cuda":
+        return [torch.device("cuda")]
+    return [torch.device("cpu"), torch.device("cuda")]
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    selection = selection_of(args)
+    devices = devices_of(args)
+    settings = TIMING_SETTINGS[selection]
+    dtype = torch.float32
+    # Fix the thread count for the whole run (eager, ptfast's OpenMP and
+    # inductor's generated code all follow it) and record it.
+    torch.set_num_threads(torch.get_num_threads())
+    machine = describe_machine(gpu=any(device.type == "cuda" for device in devices))
+    out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / machine.slug()
+    cases = select_cases(selection, pattern=args.only)
+    memory_shapes = memory_block_shapes(selection, pattern=args.only)
+    if not cases and not memory_shapes:
+        raise SystemExit(f"ptfast-bench: no case matches --only {args.only!r}")
+    _progress(f"ptfast-bench: {len(cases)} cases, {selection} set, on {', '.join(d.type for d in devices)}; "
+              f"{machine.describe()}")
+
+    start = time.perf_counter()
+    results: list[CaseResult] = []
+    memory: list[MemoryResult] = []
+    for device in devices:
+        results += run_cases(cases, device, settings, dtype, progress=_progress)
+        for shape in memory_shapes:
+            memory.append(measure_block_memory(shape, device, COMPILE_BACKENDS[selection], dtype))
+    document = {
+        "schema_version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["ptfast-bench", *(sys.argv[1:] if argv is None else argv)]),
+        "selection": selection,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_backend": COMPILE_BACKENDS[selection],
+        "timing": dataclasses.asdict(settings),
+        "elapsed_s": round(time.perf_counter() - start, 1),
+        "machine": machine.to_dict(),
+        "machine_summary": machine.describe(),
+    }
+    print(text_report(document, results, memory))
+    with_plots = importlib.util.find_spec("matplotlib") is not None
+    if not with_plots:
+        _progress("ptfast-bench: matplotlib is not installed (pip install 'ptfast[bench]'): no plots")
+    written = write_report(document, results, memory, out_dir, plots=with_plots)
+    print(f"\nWrote {', '.join(str(path) for path in written)} ({document['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Running the cases: each case's setup, interleaved timing, and its result record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ptfast.benchmark.cases import Case, CaseUnavailable
+from ptfast.benchmark.timing import TimingSettings, describe_error, time_interleaved
+
+
+@dataclass
+class CaseResult:
+    """The times of one case on one device.
+
+    times_s: median seconds per call per implementation that ran.
+    samples_s: every sample's seconds per call, in the order taken.
+    warmup_s: seconds of the warm-up calls; for "compile", about its compile time.
+    errors: implementations that failed (e.g. torch.compile), with the error.
+    skipped: why the whole case did not run (e.g. ptfast.models missing), else None.
+    """
+
+    case: str
+    family: str
+    op: str
+    shape: str
+    device: str
+    times_s: dict[str, float] = field(default_factory=dict)
+    samples_s: dict[str, list[float]] = field(default_factory=dict)
+    calls_per_sample: dict[str, int] = field(default_factory=dict)
+    warmup_s: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def speedup(self, baseline: str) -> float | None:
+        """time(baseline) / time(ptfast): above 1 when ptfast is faster; None if either did not run."""
+        if "ptfast" not in self.times_s or baseline not in self.times_s:
+            return None
+        return self.times_s[baseline] / self.times_s["ptfast"]
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "speedup_vs_eager": self.speedup("eager"),
+            "speedup_vs_compile": self.speedup("compile"),
+        }
+
+
+def run_case(case: Case, device: torch.device, settings: TimingSettings, dtype: torch.dtype) -> CaseResult:
+    """Set up and time one case; a case that cannot run is recorded as skipped, not raised."""
+    result = CaseResult(case.name, case.family, case.op, case.shape, device.type)
+    try:
+        steps = case.setup(device, dtype)
+    except CaseUnavailable as reason:
+        result.skipped = str(reason)
+        return result
+    except Exception as error:  # noqa: BLE001  (one broken case must not lose the others' numbers)
+        result.skipped = f"setup failed: {describe_error(error)}"
+        return result
+    timings, result.errors = time_interleaved(steps, device, settings)
+    for name, timing in timings.items():
+        result.times_s[name] = timing.median_s
+        result.samples_s[name] = list(timing.samples_s)
+        result.calls_per_sample[name] = timing.calls_per_sample
+        result.warmup_s[name] = timing.warmup_s
+    return result
+
+
+def run_cases(
+    cases: list[Case],
+    device: torch.device,
+    settings: TimingSettings,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] = lambda line: None,
+) -> list[CaseResult]:
+    """Every case in order; `progress` gets one line per finished case."""
+    results = []
+    for index, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        result = run_case(case, device, settings, dtype)
+        results.append(result)
+        status = f"skipped: {result.skipped}" if result.skipped else f"{time.perf_counter() - start:.1f} s"
+        progress(f"[{index}/{len(cases)}] {device.type} {case.name}: {status}")
+    return results

@@ -1,0 +1,85 @@
+"""The benchmark suite keeps working: both front ends run their smoke set (tiny shapes, one repeat).
+
+Nothing here asserts a timing: these tests check that the cases set up and
+run for every implementation, and that the report files are written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptfast.benchmark.cases import IMPLEMENTATIONS, SELECTIONS, all_cases, select_cases
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_cli_smoke_writes_the_report(tmp_path: Path):
+    out = tmp_path / "results"
+    result = _run([sys.executable, "-m", "ptfast.benchmark", "--smoke", "--device", "cpu", "--out", str(out)], tmp_path)
+    assert "vs eager" in result.stdout and "vs compile" in result.stdout
+
+    document = json.loads((out / "results.json").read_text())
+    assert document["selection"] == "smoke"
+    assert document["machine"]["threads"] >= 1 and document["machine"]["torch_version"]
+    assert {case["case"] for case in document["cases"]} == {case.name for case in all_cases("smoke")}
+    for case in document["cases"]:
+        assert case["device"] == "cpu"
+        if case["skipped"]:  # only the end-to-end cases may skip, while ptfast.models is missing
+            assert case["family"] == "mnist_cnn", case
+            continue
+        # ptfast and eager always run; compile may fail on a machine without a compiler, and says so.
+        assert {"ptfast", "eager"} <= set(case["times_s"]), case
+        assert set(case["times_s"]) | set(case["errors"]) == set(IMPLEMENTATIONS), case
+        assert all(time > 0 for time in case["times_s"].values())
+        assert case["speedup_vs_eager"] > 0
+    assert document["memory"], "no saved-for-backward measurement"
+    for memory in document["memory"]:
+        # The fused op saves uint8 codes where eager keeps the ReLU output and int64 indices.
+        assert memory["saved"]["ptfast"]["beyond_arguments"] < memory["saved"]["eager"]["beyond_arguments"]
+
+    markdown = (out / "results.md").read_text()
+    assert "| case |" in markdown and "## CPU" in markdown
+    if HAS_MATPLOTLIB:
+        plots = list(out.glob("*.png"))
+        assert plots and all(plot.stat().st_size > 0 for plot in plots)
+        assert all(f"]({plot.name})" in markdown for plot in plots)
+
+
+def test_pytest_benchmarks_smoke(tmp_path: Path):
+    env = {**os.environ, "PTFAST_BENCH_SET": "smoke"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPOSITORY / "benchmarks"), "--benchmark-disable", "-q",
+         "-p", "no:cacheprovider"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
+def test_selections_share_their_cases():
+    """Quick is a subset of full; every case name is unique, so results and pytest ids are unambiguous."""
+    names = {selection: [case.name for case in all_cases(selection)] for selection in SELECTIONS}
+    for selection, selection_names in names.items():
+        assert len(set(selection_names)) == len(selection_names), selection
+    assert set(names["quick"]) < set(names["full"])
+
+
+@pytest.mark.parametrize(
+    "pattern, expected", [("log_softmax/inference", True), ("mnist1*N64", True), ("nothing", False)]
+)
+def test_only_pattern(pattern: str, expected: bool):
+    assert bool(select_cases("quick", pattern=pattern)) == expected
