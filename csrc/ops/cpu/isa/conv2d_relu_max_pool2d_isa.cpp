@@ -627,8 +627,10 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                 // vector, the weight gradient of fully interior receptive
                 // fields is summed in registers, one vector per kernel row,
                 // rather than read and written back for every position.
+                // Loops over kh < kMaxRegisterRows unroll fully, so that
+                // row_sums lives in registers.
                 Vec row_sums[kMaxRegisterRows];
-                for (int64_t kh = 0; kh < register_rows; ++kh) {
+                for (int64_t kh = 0; kh < kMaxRegisterRows; ++kh) {
                   row_sums[kh] = Vec(0);
                 }
                 collect_active_positions(
@@ -656,13 +658,19 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                       need_weight && register_rows > 0 && interior;
                   if (weight_in_registers) {
                     const Vec g(grad);
-                    for (int64_t kh = 0; kh < register_rows; ++kh) {
-                      const int64_t pixel =
-                          ((ih0 + kh * p.dilation[0]) * s.in_w + iw0) *
-                          in_group;
-                      row_sums[kh] = at::vec::fmadd(
-                          g, Vec::loadu(image_cl.data() + pixel, row_length),
-                          row_sums[kh]);
+                    const scalar_t* field =
+                        image_cl.data() + (ih0 * s.in_w + iw0) * in_group;
+                    const int64_t row_step = p.dilation[0] * s.in_w * in_group;
+#pragma GCC unroll 8
+                    for (int64_t kh = 0; kh < kMaxRegisterRows; ++kh) {
+                      if (kh < register_rows) {
+                        row_sums[kh] = at::vec::fmadd(
+                            g, Vec::loadu(field + kh * row_step, row_length),
+                            row_sums[kh]);
+                      }
+                    }
+                    if (!need_input) {
+                      continue;
                     }
                   }
                   // Contiguous runs per kernel row: all valid taps at once
@@ -687,7 +695,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                   }
                 }
                 for (int64_t kh = 0; kh < register_rows; ++kh) {
-                  scalar_t* dst = gw + kh * row_length;
+                  scalar_t* dst = gw + kh * row_length;  // flushed once per plane
                   (Vec::loadu(dst, row_length) + row_sums[kh])
                       .store(dst, row_length);
                 }
