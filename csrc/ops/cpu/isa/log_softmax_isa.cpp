@@ -156,30 +156,44 @@ void backward_last_dim(
       });
 }
 
+// Columns of the inner dimension handled together by one backward task: long
+// contiguous runs per dim index keep the hardware prefetcher busy.
+constexpr int64_t kInnerBlock = 512;
+
 template <typename scalar_t>
 void backward_inner(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
     Layout l) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t chunks = (l.inner + Vec::size() - 1) / Vec::size();
+  const int64_t blocks = (l.inner + kInnerBlock - 1) / kInnerBlock;
   at::parallel_for(
-      0, l.outer * chunks,
-      std::max<int64_t>(1, kGrainElements / (l.dim_size * Vec::size())),
+      0, l.outer * blocks,
+      std::max<int64_t>(1, kGrainElements / (l.dim_size * kInnerBlock)),
       [&](int64_t begin, int64_t end) {
+        scalar_t sums[kInnerBlock];
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t o = task / chunks;
-          const int64_t j = (task % chunks) * Vec::size();
-          const int64_t count = std::min<int64_t>(Vec::size(), l.inner - j);
-          const int64_t offset = o * l.dim_size * l.inner + j;
-          Vec sum(0);
+          const int64_t o = task / blocks;
+          const int64_t j0 = (task % blocks) * kInnerBlock;
+          const int64_t width = std::min(kInnerBlock, l.inner - j0);
+          const int64_t offset = o * l.dim_size * l.inner + j0;
+          std::fill(sums, sums + width, scalar_t(0));
           for (int64_t d = 0; d < l.dim_size; ++d) {
-            sum += Vec::loadu(grad_output + offset + d * l.inner, count);
+            const scalar_t* dy = grad_output + offset + d * l.inner;
+            for (int64_t j = 0; j < width; j += Vec::size()) {
+              const int64_t count = std::min<int64_t>(Vec::size(), width - j);
+              (Vec::loadu(sums + j, count) + Vec::loadu(dy + j, count))
+                  .store(sums + j, count);
+            }
           }
           for (int64_t d = 0; d < l.dim_size; ++d) {
             const int64_t at = offset + d * l.inner;
-            (Vec::loadu(grad_output + at, count) -
-             Vec::loadu(output + at, count).exp() * sum)
-                .store(grad_input + at, count);
+            for (int64_t j = 0; j < width; j += Vec::size()) {
+              const int64_t count = std::min<int64_t>(Vec::size(), width - j);
+              (Vec::loadu(grad_output + at + j, count) -
+               Vec::loadu(output + at + j, count).exp() *
+                   Vec::loadu(sums + j, count))
+                  .store(grad_input + at + j, count);
+            }
           }
         }
       });
