@@ -8,6 +8,7 @@
 #include "ops/conv2d_relu_max_pool2d.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -171,6 +172,64 @@ void check_conv_pool_backward_inputs(
   TORCH_CHECK(
       indices.device() == input.device(), kOp, ": `indices` is on ",
       indices.device(), " but `input` is on ", input.device());
+}
+
+ForwardTensors prepare_forward(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
+  ForwardTensors t;
+  t.params = make_conv_pool_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  t.shape = check_conv_pool_inputs(input, weight, bias, t.params);
+  t.input = input.contiguous();
+  t.weight = weight.contiguous();
+  if (bias.has_value() && bias->defined()) {
+    t.bias = bias->contiguous();
+  }
+  const std::array<int64_t, 4> pooled{
+      t.shape.batch, t.shape.out_channels, t.shape.pooled_h,
+      t.shape.pooled_w};
+  t.output = at::empty(pooled, input.options());
+  if (with_codes) {
+    t.codes = at::empty(
+        pooled, input.options().dtype(argmax_code_dtype(t.params)));
+  }
+  return t;
+}
+
+BackwardTensors prepare_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& indices,
+    c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode,
+    std::array<bool, 3> output_mask) {
+  BackwardTensors t;
+  t.params = make_conv_pool_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  t.shape = check_conv_pool_inputs(input, weight, std::nullopt, t.params);
+  check_conv_pool_backward_inputs(
+      grad_output, indices, input, t.shape, t.params);
+  t.grad_output = grad_output.contiguous();
+  t.codes = indices.contiguous();
+  t.input = input.contiguous();
+  t.weight = weight.contiguous();
+  if (output_mask[0]) {
+    t.grad_input = at::empty(input.sizes(), input.options());
+  }
+  if (output_mask[1]) {
+    t.grad_weight = at::empty(weight.sizes(), weight.options());
+  }
+  if (output_mask[2]) {
+    t.grad_bias = at::empty({t.shape.out_channels}, weight.options());
+  }
+  return t;
 }
 
 geometry::PoolGeometry pool_geometry(

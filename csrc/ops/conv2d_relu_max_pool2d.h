@@ -68,6 +68,41 @@ void check_conv_pool_backward_inputs(
     const at::Tensor& input, const ConvPoolShape& shape,
     const ConvPoolParams& params);
 
+// What a backend's forward kernel works on: the validated arguments, the
+// tensors made contiguous and the outputs allocated.
+struct ForwardTensors {
+  ConvPoolParams params;
+  ConvPoolShape shape;
+  at::Tensor input, weight, bias;  // contiguous; bias undefined if none
+  at::Tensor output;               // (N, OC, PH, PW)
+  at::Tensor codes;                // like output, or undefined if not asked
+};
+
+ForwardTensors prepare_forward(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes);
+
+// The same for a backward kernel; each gradient is allocated (not filled)
+// when its output_mask entry is set, and left undefined otherwise.
+struct BackwardTensors {
+  ConvPoolParams params;
+  ConvPoolShape shape;
+  at::Tensor grad_output, codes, input, weight;  // contiguous
+  at::Tensor grad_input, grad_weight, grad_bias;
+};
+
+BackwardTensors prepare_backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& indices,
+    c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode,
+    std::array<bool, 3> output_mask);
+
 // Calls through the dispatcher, for kernels that build on the ops.
 at::Tensor conv2d_relu_max_pool2d(
     const at::Tensor& input, const at::Tensor& weight,

@@ -111,28 +111,15 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
-  const auto params = ops::make_conv_pool_params(
-      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
-      pool_padding, ceil_mode);
-  const auto shape = ops::check_conv_pool_inputs(input, weight, bias, params);
-  check_cpu_dtype(input);
-
-  const at::Tensor input_c = input.contiguous();
-  const at::Tensor weight_c = weight.contiguous();
-  const at::Tensor bias_c = bias.has_value() && bias->defined()
-      ? bias->contiguous()
-      : at::Tensor();
-  const std::array<int64_t, 4> pooled{
-      shape.batch, shape.out_channels, shape.pooled_h, shape.pooled_w};
-  at::Tensor output = at::empty(pooled, input.options());
-  at::Tensor codes = with_codes
-      ? at::empty(pooled, input.options().dtype(ops::argmax_code_dtype(params)))
-      : at::Tensor();
-  if (output.numel() > 0) {
+  const auto t = ops::prepare_forward(
+      input, weight, bias, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
+  check_cpu_dtype(t.input);
+  if (t.output.numel() > 0) {
     conv_pool_forward_stub.get("conv2d_relu_max_pool2d")(
-        {input_c, weight_c, bias_c, output, codes, shape, params});
+        {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
   }
-  return {output, codes};
+  return {t.output, t.codes};
 }
 
 at::Tensor conv2d_relu_max_pool2d_cpu(
@@ -167,45 +154,31 @@ conv2d_relu_max_pool2d_backward_cpu(
     int64_t groups, at::IntArrayRef pool_kernel_size,
     at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
-  const auto params = ops::make_conv_pool_params(
-      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
-      pool_padding, ceil_mode);
-  const auto shape =
-      ops::check_conv_pool_inputs(input, weight, std::nullopt, params);
-  ops::check_conv_pool_backward_inputs(
-      grad_output, indices, input, shape, params);
-  check_cpu_dtype(input);
-
-  at::Tensor grad_input = output_mask[0]
-      ? at::empty(input.sizes(), input.options())
-      : at::Tensor();
-  at::Tensor grad_weight = output_mask[1]
-      ? at::empty(weight.sizes(), weight.options())
-      : at::Tensor();
-  at::Tensor grad_bias = output_mask[2]
-      ? at::empty({shape.out_channels}, weight.options())
-      : at::Tensor();
-  if (shape.batch == 0) {
-    for (at::Tensor* grad : {&grad_weight, &grad_bias}) {
+  auto t = ops::prepare_backward(
+      grad_output, input, weight, indices, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
+  check_cpu_dtype(t.input);
+  if (t.shape.batch == 0) {
+    for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
       if (grad->defined()) {
         grad->zero_();
       }
     }
-    return {grad_input, grad_weight, grad_bias};
+    return {t.grad_input, t.grad_weight, t.grad_bias};
   }
   bool input_non_finite = false;
   conv_pool_backward_stub.get("conv2d_relu_max_pool2d_backward")(
-      {grad_output.contiguous(), indices.contiguous(), input.contiguous(),
-       weight.contiguous(), grad_input, grad_weight, grad_bias, shape, params,
-       &input_non_finite});
+      {t.grad_output, t.codes, t.input, t.weight, t.grad_input, t.grad_weight,
+       t.grad_bias, t.shape, t.params, &input_non_finite});
   const bool weight_non_finite =
-      grad_input.defined() && !at::isfinite(weight).all().item<bool>();
+      t.grad_input.defined() && !at::isfinite(t.weight).all().item<bool>();
   if (input_non_finite || weight_non_finite) {
     propagate_non_finite_like_native(
-        input, weight, indices, weight_non_finite ? grad_input : at::Tensor(),
-        input_non_finite ? grad_weight : at::Tensor(), shape, params);
+        t.input, t.weight, t.codes,
+        weight_non_finite ? t.grad_input : at::Tensor(),
+        input_non_finite ? t.grad_weight : at::Tensor(), t.shape, t.params);
   }
-  return {grad_input, grad_weight, grad_bias};
+  return {t.grad_input, t.grad_weight, t.grad_bias};
 }
 
 }  // namespace

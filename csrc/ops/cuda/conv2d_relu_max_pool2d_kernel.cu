@@ -267,47 +267,34 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
-  const auto params = ops::make_conv_pool_params(
-      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
-      pool_padding, ceil_mode);
-  const auto shape = ops::check_conv_pool_inputs(input, weight, bias, params);
   const c10::cuda::CUDAGuard device_guard(input.device());
-
-  const at::Tensor input_c = input.contiguous();
-  const at::Tensor weight_c = weight.contiguous();
-  const at::Tensor bias_c = bias.has_value() && bias->defined()
-      ? bias->contiguous()
-      : at::Tensor();
-  const std::array<int64_t, 4> pooled{
-      shape.batch, shape.out_channels, shape.pooled_h, shape.pooled_w};
-  at::Tensor output = at::empty(pooled, input.options());
-  at::Tensor codes = with_codes
-      ? at::empty(pooled, input.options().dtype(ops::argmax_code_dtype(params)))
-      : at::Tensor();
-  if (output.numel() == 0) {
-    return {output, codes};
+  const auto t = ops::prepare_forward(
+      input, weight, bias, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
+  if (t.output.numel() == 0) {
+    return {t.output, t.codes};
   }
-  const Dims dims = make_dims(shape, params);
+  const Dims dims = make_dims(t.shape, t.params);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(),
+      at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_cuda", [&] {
         dispatch_code_type(
-            ops::argmax_code_dtype(params), [&](auto code) {
+            ops::argmax_code_dtype(t.params), [&](auto code) {
               using code_t = decltype(code);
               forward_kernel<scalar_t, code_t>
-                  <<<blocks_for(output.numel()), kThreads, 0, stream>>>(
-                      input_c.const_data_ptr<scalar_t>(),
-                      weight_c.const_data_ptr<scalar_t>(),
-                      bias_c.defined() ? bias_c.const_data_ptr<scalar_t>()
+                  <<<blocks_for(t.output.numel()), kThreads, 0, stream>>>(
+                      t.input.const_data_ptr<scalar_t>(),
+                      t.weight.const_data_ptr<scalar_t>(),
+                      t.bias.defined() ? t.bias.const_data_ptr<scalar_t>()
                                        : nullptr,
-                      output.mutable_data_ptr<scalar_t>(),
-                      with_codes ? codes.mutable_data_ptr<code_t>() : nullptr,
+                      t.output.mutable_data_ptr<scalar_t>(),
+                      with_codes ? t.codes.mutable_data_ptr<code_t>() : nullptr,
                       dims);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
       });
-  return {output, codes};
+  return {t.output, t.codes};
 }
 
 at::Tensor conv2d_relu_max_pool2d_cuda(
@@ -342,60 +329,42 @@ conv2d_relu_max_pool2d_backward_cuda(
     int64_t groups, at::IntArrayRef pool_kernel_size,
     at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
-  const auto params = ops::make_conv_pool_params(
-      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
-      pool_padding, ceil_mode);
-  const auto shape =
-      ops::check_conv_pool_inputs(input, weight, std::nullopt, params);
-  ops::check_conv_pool_backward_inputs(
-      grad_output, indices, input, shape, params);
   const c10::cuda::CUDAGuard device_guard(input.device());
-
-  const at::Tensor grad_c = grad_output.contiguous();
-  const at::Tensor codes_c = indices.contiguous();
-  const at::Tensor input_c = input.contiguous();
-  const at::Tensor weight_c = weight.contiguous();
-  at::Tensor grad_input = output_mask[0]
-      ? at::empty(input.sizes(), input.options())
-      : at::Tensor();
-  at::Tensor grad_weight = output_mask[1]
-      ? at::empty(weight.sizes(), weight.options())
-      : at::Tensor();
-  at::Tensor grad_bias = output_mask[2]
-      ? at::empty({shape.out_channels}, weight.options())
-      : at::Tensor();
-  const Dims dims = make_dims(shape, params);
+  const auto t = ops::prepare_backward(
+      grad_output, input, weight, indices, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
+  const Dims dims = make_dims(t.shape, t.params);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(),
+      at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_backward_cuda", [&] {
-        dispatch_code_type(codes_c.scalar_type(), [&](auto code) {
+        dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
           using code_t = decltype(code);
-          const scalar_t* grad = grad_c.const_data_ptr<scalar_t>();
-          const code_t* codes = codes_c.const_data_ptr<code_t>();
-          if (grad_input.defined() && grad_input.numel() > 0) {
+          const scalar_t* grad = t.grad_output.const_data_ptr<scalar_t>();
+          const code_t* codes = t.codes.const_data_ptr<code_t>();
+          if (t.grad_input.defined() && t.grad_input.numel() > 0) {
             grad_input_kernel<scalar_t, code_t>
-                <<<blocks_for(grad_input.numel()), kThreads, 0, stream>>>(
-                    grad, codes, weight_c.const_data_ptr<scalar_t>(),
-                    grad_input.mutable_data_ptr<scalar_t>(), dims);
+                <<<blocks_for(t.grad_input.numel()), kThreads, 0, stream>>>(
+                    grad, codes, t.weight.const_data_ptr<scalar_t>(),
+                    t.grad_input.mutable_data_ptr<scalar_t>(), dims);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
-          if (grad_weight.defined()) {
+          if (t.grad_weight.defined()) {
             grad_weight_kernel<scalar_t, code_t>
-                <<<grad_weight.numel(), kReduceThreads, 0, stream>>>(
-                    grad, codes, input_c.const_data_ptr<scalar_t>(),
-                    grad_weight.mutable_data_ptr<scalar_t>(), dims);
+                <<<t.grad_weight.numel(), kReduceThreads, 0, stream>>>(
+                    grad, codes, t.input.const_data_ptr<scalar_t>(),
+                    t.grad_weight.mutable_data_ptr<scalar_t>(), dims);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
-          if (grad_bias.defined()) {
+          if (t.grad_bias.defined()) {
             grad_bias_kernel<scalar_t, code_t>
-                <<<grad_bias.numel(), kReduceThreads, 0, stream>>>(
-                    grad, codes, grad_bias.mutable_data_ptr<scalar_t>(), dims);
+                <<<t.grad_bias.numel(), kReduceThreads, 0, stream>>>(
+                    grad, codes, t.grad_bias.mutable_data_ptr<scalar_t>(), dims);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
         });
       });
-  return {grad_input, grad_weight, grad_bias};
+  return {t.grad_input, t.grad_weight, t.grad_bias};
 }
 
 }  // namespace
