@@ -455,6 +455,17 @@ bool has_non_finite(const scalar_t* values, int64_t count) {
   return std::isnan(rest);
 }
 
+// dst[j] += alpha * src[j] for j < count, a multiple of the vector width.
+template <typename scalar_t>
+inline void full_width_axpy(
+    scalar_t* dst, const scalar_t* src, scalar_t alpha, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec a(alpha);
+  for (int64_t j = 0; j < count; j += Vec::size()) {
+    at::vec::fmadd(a, Vec::loadu(src + j), Vec::loadu(dst + j)).store(dst + j);
+  }
+}
+
 // (C, H, W) -> (H, W, C) and back, for one image and group.
 template <typename scalar_t>
 void to_channels_last(
@@ -555,12 +566,27 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   const scalar_t* input = a.input.const_data_ptr<scalar_t>();
   const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
 
-  // (OC, C, KH, KW) -> (OC, KH, KW, C)
-  std::vector<scalar_t> weight_cl(need_input ? s.out_channels * weight_size : 0);
+  using Vec = at::vec::Vectorized<scalar_t>;
+  // A kernel row across the group's channels, (KW, C), is `row_length`
+  // contiguous values in the channels-last layouts; rows are stored
+  // `row_pitch` apart, rounded up to whole vectors, so that interior
+  // positions update them with full-width vector loads and stores (a masked
+  // store would stall the next position's loads of the same row).
+  const int64_t row_length = s.kernel_w * in_group;
+  const int64_t row_pitch = (row_length + Vec::size() - 1) / Vec::size() * Vec::size();
+  const int64_t padded_weight_size = s.kernel_h * row_pitch;
+
+  // (OC, C, KH, KW) -> (OC, KH, row_pitch) with (KW, C) rows, zero-padded.
+  std::vector<scalar_t> weight_cl(
+      need_input ? s.out_channels * padded_weight_size : 0, scalar_t(0));
   for (int64_t oc = 0; need_input && oc < s.out_channels; ++oc) {
-    to_channels_last(
-        weight_cl.data() + oc * weight_size, weight + oc * weight_size,
-        in_group, kernel_size);
+    for (int64_t c = 0; c < in_group; ++c) {
+      for (int64_t k = 0; k < kernel_size; ++k) {
+        weight_cl[oc * padded_weight_size + (k / s.kernel_w) * row_pitch +
+                  (k % s.kernel_w) * in_group + c] =
+            weight[(oc * in_group + c) * kernel_size + k];
+      }
+    }
   }
 
   // arg-max code -> (dy, dx), decoded once.
@@ -570,8 +596,6 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
     geo::decode_argmax(code, p.pool_kernel[1], code_dy[code], code_dx[code]);
   }
 
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t row_length = s.kernel_w * in_group;
   const int64_t register_rows = need_weight && p.dilation[1] == 1 &&
           row_length <= Vec::size() && s.kernel_h <= kMaxRegisterRows
       ? s.kernel_h
@@ -595,10 +619,13 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
       0, used_chunks,
       std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
       [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> image_cl(need_weight ? in_group * plane : 0);
-        std::vector<scalar_t> grad_cl(need_input ? in_group * plane : 0);
+        // Slack of one row pitch: full-width rows may run past the last pixel.
+        std::vector<scalar_t> image_cl(
+            need_weight ? in_group * plane + row_pitch : 0, scalar_t(0));
+        std::vector<scalar_t> grad_cl(
+            need_input ? in_group * plane + row_pitch : 0);
         std::vector<scalar_t> image_weight_grad(
-            need_weight ? out_group * weight_size : 0);
+            need_weight ? out_group * padded_weight_size : 0);
         std::vector<ActivePosition<scalar_t>> active;
         active.reserve(pooled);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -621,8 +648,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
               for (int64_t j = 0; j < out_group; ++j) {
                 const int64_t oc = group * out_group + j;
                 const int64_t offset = (n * s.out_channels + oc) * pooled;
-                const scalar_t* w = weight_cl.data() + oc * weight_size;
-                scalar_t* gw = image_weight_grad.data() + j * weight_size;
+                const scalar_t* w = weight_cl.data() + oc * padded_weight_size;
+                scalar_t* gw = image_weight_grad.data() + j * padded_weight_size;
                 // When a kernel row across the group's channels fits in one
                 // vector, the weight gradient of fully interior receptive
                 // fields is summed in registers, one vector per kernel row,
@@ -673,6 +700,30 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                       continue;
                     }
                   }
+                  // Whole kernel rows at full vector width: the padding lanes
+                  // of a weight row are 0, so the grad_input values past the
+                  // row get + grad * 0 (a finite grad leaves them unchanged),
+                  // and the padding lanes of a weight-gradient row collect
+                  // values that are never read.
+                  if (interior && p.dilation[1] == 1 &&
+                      (!need_input || std::isfinite(grad))) {
+                    const int64_t row_step = p.dilation[0] * s.in_w * in_group;
+                    const int64_t field = (ih0 * s.in_w + iw0) * in_group;
+                    for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+                      const int64_t pixel = field + kh * row_step;
+                      if (need_input) {
+                        full_width_axpy(
+                            grad_cl.data() + pixel, w + kh * row_pitch, grad,
+                            row_pitch);
+                      }
+                      if (need_weight && !weight_in_registers) {
+                        full_width_axpy(
+                            gw + kh * row_pitch, image_cl.data() + pixel, grad,
+                            row_pitch);
+                      }
+                    }
+                    continue;
+                  }
                   // Contiguous runs per kernel row: all valid taps at once
                   // when dilation_w == 1, else one tap at a time.
                   const int64_t run_taps =
@@ -683,7 +734,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                          kw += run_taps) {
                       const int64_t pixel =
                           (ih * s.in_w + iw0 + kw * p.dilation[1]) * in_group;
-                      const int64_t tap = (kh * s.kernel_w + kw) * in_group;
+                      const int64_t tap = kh * row_pitch + kw * in_group;
                       const int64_t length = run_taps * in_group;
                       if (need_input) {
                         axpy(grad_cl.data() + pixel, w + tap, grad, length);
@@ -695,7 +746,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                   }
                 }
                 for (int64_t kh = 0; kh < register_rows; ++kh) {
-                  scalar_t* dst = gw + kh * row_length;  // flushed once per plane
+                  scalar_t* dst = gw + kh * row_pitch;  // flushed once per plane
                   (Vec::loadu(dst, row_length) + row_sums[kh])
                       .store(dst, row_length);
                 }
@@ -710,8 +761,11 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
               }
               if (need_weight) {
                 acc_t* dst = partial + group * out_group * weight_size;
-                for (int64_t k = 0; k < out_group * weight_size; ++k) {
-                  dst[k] += image_weight_grad[k];
+                for (int64_t row = 0; row < out_group * s.kernel_h; ++row) {
+                  for (int64_t k = 0; k < row_length; ++k) {
+                    dst[row * row_length + k] +=
+                        image_weight_grad[row * row_pitch + k];
+                  }
                 }
               }
             }
