@@ -604,6 +604,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
+  const bool all_interior =
+      !windows_overlap && p.padding[0] == 0 && p.padding[1] == 0;
 
   const int64_t chunks = std::min(s.batch, kMaxImageChunks);
   const int64_t chunk_images = (s.batch + chunks - 1) / chunks;
@@ -660,27 +662,15 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                 for (int64_t kh = 0; kh < kMaxRegisterRows; ++kh) {
                   row_sums[kh] = Vec(0);
                 }
-                collect_active_positions(
-                    grad_output + offset, codes + offset, code_dy, code_dx,
-                    pool, windows_overlap, active);
                 scalar_t bias_sum = 0;
-                for (const auto& position : active) {
-                  const scalar_t grad = position.grad;
-                  bias_sum += grad;
-                  if (!need_input && !need_weight) {
-                    continue;
-                  }
-                  const auto rows = geo::valid_taps(
-                      position.oh, s.kernel_h, p.stride[0], p.padding[0],
-                      p.dilation[0], s.in_h);
-                  const auto cols = geo::valid_taps(
-                      position.ow, s.kernel_w, p.stride[1], p.padding[1],
-                      p.dilation[1], s.in_w);
-                  const int64_t ih0 = position.oh * p.stride[0] - p.padding[0];
-                  const int64_t iw0 = position.ow * p.stride[1] - p.padding[1];
-                  const bool interior = rows.begin == 0 &&
-                      rows.end == s.kernel_h && cols.begin == 0 &&
-                      cols.end == s.kernel_w;
+                // One arg-max position's contribution; `interior` when its
+                // whole receptive field lies inside the input.
+                const auto visit = [&](int64_t oh, int64_t ow, scalar_t grad,
+                                       bool interior,
+                                       const geo::TapRange& rows,
+                                       const geo::TapRange& cols) {
+                  const int64_t ih0 = oh * p.stride[0] - p.padding[0];
+                  const int64_t iw0 = ow * p.stride[1] - p.padding[1];
                   const bool weight_in_registers =
                       need_weight && register_rows > 0 && interior;
                   if (weight_in_registers) {
@@ -697,7 +687,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                       }
                     }
                     if (!need_input) {
-                      continue;
+                      return;
                     }
                   }
                   // Whole kernel rows at full vector width: the padding lanes
@@ -722,7 +712,7 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                             row_pitch);
                       }
                     }
-                    continue;
+                    return;
                   }
                   // Contiguous runs per kernel row: all valid taps at once
                   // when dilation_w == 1, else one tap at a time.
@@ -743,6 +733,53 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
                         axpy(gw + tap, image_cl.data() + pixel, grad, length);
                       }
                     }
+                  }
+                };
+                const geo::TapRange all_rows{0, s.kernel_h};
+                const geo::TapRange all_cols{0, s.kernel_w};
+                if (all_interior) {
+                  // No conv padding and no overlapping windows: every
+                  // position is interior and belongs to one window, so visit
+                  // the codes directly.
+                  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+                    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+                      const int64_t cell = offset + ph * s.pooled_w + pw;
+                      const int64_t code = static_cast<int64_t>(codes[cell]);
+                      if (code == geo::kNoGradient) {
+                        continue;
+                      }
+                      const scalar_t grad = grad_output[cell];
+                      bias_sum += grad;
+                      if (need_input || need_weight) {
+                        visit(
+                            ph * p.pool_stride[0] - p.pool_padding[0] +
+                                code_dy[code],
+                            pw * p.pool_stride[1] - p.pool_padding[1] +
+                                code_dx[code],
+                            grad, true, all_rows, all_cols);
+                      }
+                    }
+                  }
+                } else {
+                  collect_active_positions(
+                      grad_output + offset, codes + offset, code_dy, code_dx,
+                      pool, windows_overlap, active);
+                  for (const auto& position : active) {
+                    bias_sum += position.grad;
+                    if (!need_input && !need_weight) {
+                      continue;
+                    }
+                    const auto rows = geo::valid_taps(
+                        position.oh, s.kernel_h, p.stride[0], p.padding[0],
+                        p.dilation[0], s.in_h);
+                    const auto cols = geo::valid_taps(
+                        position.ow, s.kernel_w, p.stride[1], p.padding[1],
+                        p.dilation[1], s.in_w);
+                    visit(
+                        position.oh, position.ow, position.grad,
+                        rows.begin == 0 && rows.end == s.kernel_h &&
+                            cols.begin == 0 && cols.end == s.kernel_w,
+                        rows, cols);
                   }
                 }
                 for (int64_t kh = 0; kh < register_rows; ++kh) {
