@@ -30,8 +30,9 @@ namespace geo = ptfast::geometry;
 // Roughly how many multiply-adds make a task worth a thread of its own.
 constexpr int64_t kGrainFlops = 1 << 15;
 // Output channels computed together: each input vector loaded feeds this
-// many independent multiply-add chains.
-constexpr int64_t kMaxChannelBlock = 8;
+// many independent multiply-add chains (12 accumulators still fit AVX2's 16
+// registers with the input vector and a broadcast weight).
+constexpr int64_t kMaxChannelBlock = 12;
 
 // Geometry of the conv plane buffer of one output channel. With unit stride,
 // row oh of the plane is stored at oh * padded_w, the pitch of the (padded)
@@ -172,7 +173,11 @@ void conv_planes(
       case 5: call(std::integral_constant<int, 5>{}); break;
       case 6: call(std::integral_constant<int, 6>{}); break;
       case 7: call(std::integral_constant<int, 7>{}); break;
-      default: call(std::integral_constant<int, 8>{}); break;
+      case 8: call(std::integral_constant<int, 8>{}); break;
+      case 9: call(std::integral_constant<int, 9>{}); break;
+      case 10: call(std::integral_constant<int, 10>{}); break;
+      case 11: call(std::integral_constant<int, 11>{}); break;
+      default: call(std::integral_constant<int, 12>{}); break;
     }
   };
   if (p.stride[0] == 1) {
