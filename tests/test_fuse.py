@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import ptfast
 from ptfast import functional as ptf
-from tutorial_net import Net
+from tutorial import TRAJECTORY_TOL, Net, train_losses
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,29 +129,6 @@ def test_dropout_masks_follow_the_seed():
     out = [run(fused, x, seed)[0] for seed in (1, 1, 2)]
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
     assert not torch.allclose(out[0], out[2])
-
-
-def train_losses(model: nn.Module, dtype: torch.dtype, steps: int = 50) -> tuple[list[float], nn.Module]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-    data = torch.Generator().manual_seed(1)
-    torch.manual_seed(2)  # dropout masks
-    model.train()
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 1, 28, 28, dtype=dtype, generator=data)
-        y = torch.randint(0, 10, (16,), generator=data)
-        opt.zero_grad()
-        loss = F.nll_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, model
-
-
-# Tolerances for 50 SGD steps: the fused kernels sum in another order than native conv2d, so
-# results differ by rounding, which training may amplify a little. Measured worst relative
-# loss difference: ~2e-16 (float64), ~2e-7 (float32).
-TRAJECTORY_TOL = {torch.float64: dict(rel=1e-9, param_atol=1e-9), torch.float32: dict(rel=1e-4, param_atol=1e-4)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])

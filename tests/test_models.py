@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ptfast
 from ptfast.models import MnistCNN
-from tutorial_net import Net
+from tutorial import TRAJECTORY_TOL, Net, train_losses
 
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -87,29 +87,6 @@ def test_fused_matches_native(dtype, train):
     assert torch.equal(rng_f, rng_n)
     if train:  # dropout is active: another seed gives another output
         assert not torch.allclose(run(fused, x, seed=8)[0], out_f)
-
-
-def train_losses(model, dtype, steps=50):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-    data = torch.Generator().manual_seed(1)
-    torch.manual_seed(2)  # dropout masks
-    model.train()
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 1, 28, 28, dtype=dtype, generator=data)
-        y = torch.randint(0, 10, (16,), generator=data)
-        opt.zero_grad()
-        loss = F.nll_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, model
-
-
-# 50 SGD steps (lr 0.01, momentum 0.5, batch 16): the fused kernels round differently from native
-# conv2d, so losses agree to rounding, not bit for bit. Measured worst relative loss difference:
-# ~2e-16 (float64), ~2e-7 (float32); the bounds below leave room for other CPUs' kernels.
-TRAJECTORY_TOL = {torch.float64: dict(rel=1e-9, param_atol=1e-9), torch.float32: dict(rel=1e-4, param_atol=1e-4)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])

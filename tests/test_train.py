@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ptfast import data
 from ptfast.train import main
-from tutorial_net import Net
+from tutorial import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,8 @@
 //                                        columns so loads coalesce.
 // The forward reads the input once for its maximum and sum together (online
 // rescaling: s <- s * exp(m - m') + exp(x - m')), then once more to write.
+#include "ops/log_softmax.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -317,25 +319,8 @@ int64_t grid_for(int64_t items, int64_t per_block) {
       1, std::min<int64_t>((items + per_block - 1) / per_block, 1 << 20));
 }
 
-constexpr const char* kOp = "ptfast.log_softmax";
-
-int64_t wrap_dim(int64_t dim, const at::Tensor& tensor) {
-  const int64_t rank = std::max<int64_t>(tensor.dim(), 1);
-  TORCH_CHECK_INDEX(
-      dim >= -rank && dim < rank, kOp, ": `dim` must be in [", -rank, ", ",
-      rank - 1, "] for a tensor of shape ", tensor.sizes(), ", got ", dim);
-  return tensor.dim() == 0 ? 0 : (dim < 0 ? dim + rank : dim);
-}
-
-void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(tensor.scalar_type()), kOp, ": `", name,
-      "` must be a floating-point tensor, got ", tensor.scalar_type());
-}
-
 at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
-  check_floating(self, "self");
-  const int64_t wrapped = wrap_dim(dim, self);
+  const int64_t wrapped = ops::check_log_softmax_input(self, dim);
   const c10::cuda::CUDAGuard device_guard(self.device());
   const at::Tensor input = self.contiguous();
   at::Tensor output = at::empty(input.sizes(), input.options());
@@ -367,19 +352,8 @@ at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
 
 at::Tensor log_softmax_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  check_floating(output, "output");
-  TORCH_CHECK(
-      grad_output.sizes() == output.sizes(), kOp,
-      ": `grad_output` must have the shape of `output` ", output.sizes(),
-      ", got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(
-      grad_output.scalar_type() == output.scalar_type(), kOp,
-      ": `grad_output` has dtype ", grad_output.scalar_type(),
-      " but `output` has dtype ", output.scalar_type());
-  TORCH_CHECK(
-      grad_output.device() == output.device(), kOp, ": `grad_output` is on ",
-      grad_output.device(), " but `output` is on ", output.device());
-  const int64_t wrapped = wrap_dim(dim, output);
+  const int64_t wrapped =
+      ops::check_log_softmax_backward_input(grad_output, output, dim);
   const c10::cuda::CUDAGuard device_guard(output.device());
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor out = output.contiguous();
