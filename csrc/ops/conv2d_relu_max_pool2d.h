@@ -103,6 +103,43 @@ BackwardTensors prepare_backward(
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask);
 
+// A backend's forward, computing the arg-max codes only when asked.
+using BackendForward = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes);
+
+// The kernels a backend registers for the public op and the op with indices,
+// both from its one forward.
+template <BackendForward forward>
+struct ForwardKernels {
+  static at::Tensor without_indices(
+      const at::Tensor& input, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+      c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+      c10::IntArrayRef pool_padding, bool ceil_mode) {
+    return std::get<0>(forward(
+        input, weight, bias, stride, padding, dilation, groups,
+        pool_kernel_size, pool_stride, pool_padding, ceil_mode,
+        /*with_codes=*/false));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> with_indices(
+      const at::Tensor& input, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+      c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+      c10::IntArrayRef pool_padding, bool ceil_mode) {
+    return forward(
+        input, weight, bias, stride, padding, dilation, groups,
+        pool_kernel_size, pool_stride, pool_padding, ceil_mode,
+        /*with_codes=*/true);
+  }
+};
+
 // Calls through the dispatcher, for kernels that build on the ops.
 at::Tensor conv2d_relu_max_pool2d(
     const at::Tensor& input, const at::Tensor& weight,

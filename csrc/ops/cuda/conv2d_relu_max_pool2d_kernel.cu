@@ -297,30 +297,6 @@ std::tuple<at::Tensor, at::Tensor> forward(
   return {t.output, t.codes};
 }
 
-at::Tensor conv2d_relu_max_pool2d_cuda(
-    const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
-    at::IntArrayRef pool_padding, bool ceil_mode) {
-  return std::get<0>(forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode,
-      /*with_codes=*/false));
-}
-
-std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices_cuda(
-    const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
-    at::IntArrayRef pool_padding, bool ceil_mode) {
-  return forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode,
-      /*with_codes=*/true);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 conv2d_relu_max_pool2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input,
@@ -370,10 +346,12 @@ conv2d_relu_max_pool2d_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ptfast, CUDA, m) {
-  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_cuda);
+  m.impl(
+      "conv2d_relu_max_pool2d",
+      &ops::ForwardKernels<&forward>::without_indices);
   m.impl(
       "conv2d_relu_max_pool2d_with_indices",
-      &conv2d_relu_max_pool2d_with_indices_cuda);
+      &ops::ForwardKernels<&forward>::with_indices);
   m.impl(
       "conv2d_relu_max_pool2d_backward",
       &conv2d_relu_max_pool2d_backward_cuda);
