@@ -40,7 +40,11 @@ def test_constant_inputs_tie_everywhere(kwargs, dtype, device):
 
 @pytest.mark.parametrize("value", [INF, -INF, NAN], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", ["input", "weight", "bias", "grad_output"])
-@pytest.mark.parametrize("kwargs", [{}, dict(padding=1, stride=2, pool_kernel_size=3, pool_stride=1)], ids=["plain", "strided"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(padding=1), dict(padding=1, stride=2, pool_kernel_size=3, pool_stride=1)],
+    ids=["plain", "padded", "strided"],
+)
 def test_non_finite_values_propagate_like_native(value, where, kwargs, dtype, device):
     x, w, b = block_inputs(2, 3, 4, 11, 10, 3, 1, True, dtype, device=device)
     with torch.no_grad():

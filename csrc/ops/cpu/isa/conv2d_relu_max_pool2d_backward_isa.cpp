@@ -1,0 +1,758 @@
+// Vectorised CPU backward of the fused conv2d -> ReLU -> max_pool2d operator.
+// Compiled once per instruction set (see csrc/ops/cpu/isa_dispatch.h).
+//
+// Only the arg-max position of each window whose maximum is positive receives
+// gradient, so both gradients are sums over those positions; the dense conv
+// gradient is never formed. The image (and grad_input) are staged
+// channels-last, (H, W, C), and the weight as (OC, KH, KW, C), so that a
+// kernel row across the group's channels is one contiguous run.
+//
+// Two paths: disjoint pooling windows with dilation_w == 1 (every MNIST and
+// CIFAR-like block) keep their sums in registers; anything else (overlapping
+// windows, horizontal dilation, rows too wide for the registers) takes the
+// general path, which updates the staged buffers position by position.
+#include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
+#include "ops/geometry.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace ptfast::cpu {
+namespace {
+
+namespace geo = ptfast::geometry;
+
+// Images are split into chunks whose number depends only on the shapes:
+// each chunk sums its weight gradient on its own and the chunks are added in
+// order, so the result is the same for any number of threads. At most
+// kMaxImageChunks chunks, each with at least kMinChunkPositions pooled
+// outputs per channel, so that adding up the chunks' partial sums stays
+// small next to the work.
+constexpr int64_t kMaxImageChunks = 64;
+constexpr int64_t kMinChunkPositions = 64;
+
+// Sizes both backward paths derive from the arguments.
+template <typename scalar_t>
+struct BackwardPlan {
+  int64_t in_group, out_group;
+  int64_t kernel_size;  // KH * KW
+  int64_t weight_size;  // C * KH * KW, one output channel's weights
+  int64_t pooled;       // PH * PW
+  // A kernel row across the group's channels, (KW, C), is `row_length`
+  // contiguous values in the channels-last layouts; rows are stored
+  // `row_pitch` apart, rounded up to whole vectors, so that interior
+  // positions update them with full-width vector loads and stores (a masked
+  // store would stall the next position's loads of the same row).
+  int64_t row_length, row_pitch;
+  int64_t padded_weight_size;  // KH * row_pitch
+  int64_t chunk_images, chunks;
+  // Per chunk: weight gradient (OC, KH, KW, C) then bias gradient (OC).
+  int64_t partial_size;
+  bool need_input, need_weight, need_bias;
+
+  explicit BackwardPlan(const ConvPoolBackwardArgs& a) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const auto& s = a.shape;
+    in_group = s.in_channels_per_group(a.params);
+    out_group = s.out_channels_per_group(a.params);
+    kernel_size = s.kernel_h * s.kernel_w;
+    weight_size = in_group * kernel_size;
+    pooled = s.pooled_h * s.pooled_w;
+    row_length = s.kernel_w * in_group;
+    row_pitch = (row_length + Vec::size() - 1) / Vec::size() * Vec::size();
+    padded_weight_size = s.kernel_h * row_pitch;
+    const int64_t most_chunks = std::min(s.batch, kMaxImageChunks);
+    chunk_images = std::max(
+        (s.batch + most_chunks - 1) / most_chunks,
+        (kMinChunkPositions + pooled - 1) / std::max<int64_t>(1, pooled));
+    chunks = (s.batch + chunk_images - 1) / chunk_images;
+    need_input = a.grad_input.defined();
+    need_weight = a.grad_weight.defined();
+    need_bias = a.grad_bias.defined();
+    partial_size = need_weight || need_bias
+        ? s.out_channels * (weight_size + 1)
+        : 0;
+  }
+};
+
+// (OC, C, KH, KW) -> (OC, KH, row_pitch) with (KW, C) rows, zero-padded.
+template <typename scalar_t>
+std::vector<scalar_t> weight_rows(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+  const auto& s = a.shape;
+  const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
+  std::vector<scalar_t> rows(s.out_channels * plan.padded_weight_size, 0);
+  for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+    for (int64_t c = 0; c < plan.in_group; ++c) {
+      for (int64_t k = 0; k < plan.kernel_size; ++k) {
+        rows[oc * plan.padded_weight_size + (k / s.kernel_w) * plan.row_pitch +
+             (k % s.kernel_w) * plan.in_group + c] =
+            weight[(oc * plan.in_group + c) * plan.kernel_size + k];
+      }
+    }
+  }
+  return rows;
+}
+
+// (C, H, W) -> (H + 2 * pad_h, W + 2 * pad_w, C), writing only the interior
+// (the border of `dst` keeps whatever it holds), and back.
+struct StagedPlane {
+  int64_t channels, height, width, pad_h, pad_w;
+  int64_t padded_w() const { return width + 2 * pad_w; }
+  int64_t size() const { return (height + 2 * pad_h) * padded_w() * channels; }
+};
+
+template <typename scalar_t>
+void to_channels_last(
+    scalar_t* dst, const scalar_t* src, const StagedPlane& staged) {
+  for (int64_t c = 0; c < staged.channels; ++c) {
+    for (int64_t h = 0; h < staged.height; ++h) {
+      scalar_t* row = dst +
+          ((h + staged.pad_h) * staged.padded_w() + staged.pad_w) *
+              staged.channels +
+          c;
+      const scalar_t* in = src + (c * staged.height + h) * staged.width;
+      for (int64_t w = 0; w < staged.width; ++w) {
+        row[w * staged.channels] = in[w];
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void from_channels_last(
+    scalar_t* dst, const scalar_t* src, const StagedPlane& staged) {
+  for (int64_t c = 0; c < staged.channels; ++c) {
+    for (int64_t h = 0; h < staged.height; ++h) {
+      const scalar_t* row = src +
+          ((h + staged.pad_h) * staged.padded_w() + staged.pad_w) *
+              staged.channels +
+          c;
+      scalar_t* out = dst + (c * staged.height + h) * staged.width;
+      for (int64_t w = 0; w < staged.width; ++w) {
+        out[w] = row[w * staged.channels];
+      }
+    }
+  }
+}
+
+// Whether any of values[0, count) is inf or NaN: x - x is NaN exactly then.
+template <typename scalar_t>
+bool has_non_finite(const scalar_t* values, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec sum(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) {
+    const Vec v = Vec::loadu(values + i);
+    sum += v - v;
+  }
+  scalar_t rest = 0;
+  for (; i < count; ++i) {
+    rest += values[i] - values[i];
+  }
+  scalar_t lanes[Vec::size()];
+  sum.store(lanes);
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+    rest += lanes[lane];
+  }
+  return std::isnan(rest);
+}
+
+// Adds one image's weight gradient, (out_group, KH, row_pitch) with (KW, C)
+// rows, to a chunk's partial sums of the group's output channels.
+template <typename scalar_t, typename acc_t>
+void add_weight_rows(
+    acc_t* partial, const scalar_t* rows, int64_t row_count,
+    const BackwardPlan<scalar_t>& plan) {
+  for (int64_t row = 0; row < row_count; ++row) {
+    for (int64_t k = 0; k < plan.row_length; ++k) {
+      partial[row * plan.row_length + k] += rows[row * plan.row_pitch + k];
+    }
+  }
+}
+
+// Sums the chunks' partials in order into grad_weight (OC, KH, KW, C ->
+// OC, C, KH, KW) and grad_bias.
+template <typename scalar_t, typename acc_t>
+void write_weight_and_bias_gradients(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan,
+    const std::vector<acc_t>& partials) {
+  const auto& s = a.shape;
+  std::vector<acc_t> total(plan.partial_size, acc_t(0));
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const acc_t* partial = partials.data() + chunk * plan.partial_size;
+    for (int64_t k = 0; k < plan.partial_size; ++k) {
+      total[k] += partial[k];
+    }
+  }
+  if (plan.need_weight) {
+    scalar_t* grad_weight = a.grad_weight.mutable_data_ptr<scalar_t>();
+    for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+      for (int64_t c = 0; c < plan.in_group; ++c) {
+        for (int64_t k = 0; k < plan.kernel_size; ++k) {
+          grad_weight[(oc * plan.in_group + c) * plan.kernel_size + k] =
+              static_cast<scalar_t>(
+                  total[oc * plan.weight_size + k * plan.in_group + c]);
+        }
+      }
+    }
+  }
+  if (plan.need_bias) {
+    scalar_t* grad_bias = a.grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+      grad_bias[oc] = static_cast<scalar_t>(
+          total[s.out_channels * plan.weight_size + oc]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Disjoint pooling windows, dilation_w == 1.
+
+// Accumulator vectors a kernel keeps in registers: AVX-512 has 32 vector
+// registers, AVX2 16; the rest hold loads and the broadcast gradient.
+template <typename scalar_t>
+constexpr int kRegisterBudget =
+    sizeof(at::vec::Vectorized<scalar_t>) >= 64 ? 24 : 12;
+
+// Up to kMaxRows kernel rows of kRowVectors vectors each, summed in
+// registers. Loops run over the constant kMaxRows and skip rows past `rows`,
+// so they unroll fully and every accumulator stays a register.
+template <typename scalar_t, int kRowVectors>
+struct RegisterRows {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  static constexpr int kMaxRows = kRegisterBudget<scalar_t> / kRowVectors;
+  Vec acc[kMaxRows][kRowVectors];
+
+  C10_ALWAYS_INLINE void zero() {
+#pragma GCC unroll 24
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+#pragma GCC unroll 24
+      for (int r = 0; r < kRowVectors; ++r) {
+        acc[kh][r] = Vec(0);
+      }
+    }
+  }
+
+  // acc[kh] += g * src[kh * row_step, ...) for kh < rows.
+  C10_ALWAYS_INLINE void fmadd(
+      const Vec& g, const scalar_t* src, int64_t row_step, int64_t rows) {
+#pragma GCC unroll 24
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+      if (kh < rows) {
+#pragma GCC unroll 24
+        for (int r = 0; r < kRowVectors; ++r) {
+          acc[kh][r] = at::vec::fmadd(
+              g, Vec::loadu(src + kh * row_step + r * Vec::size()),
+              acc[kh][r]);
+        }
+      }
+    }
+  }
+
+  // dst[kh * row_step, ...) = acc[kh], full vectors, for kh < rows.
+  C10_ALWAYS_INLINE void store(
+      scalar_t* dst, int64_t row_step, int64_t rows) const {
+#pragma GCC unroll 24
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+      if (kh < rows) {
+#pragma GCC unroll 24
+        for (int r = 0; r < kRowVectors; ++r) {
+          acc[kh][r].store(dst + kh * row_step + r * Vec::size());
+        }
+      }
+    }
+  }
+
+  // dst[kh * row_step, ...) += acc[kh] for kh < rows: whole vectors when
+  // `full_width`, else only the first `row_length` values of each row.
+  C10_ALWAYS_INLINE void add_to(
+      scalar_t* dst, int64_t row_step, int64_t rows, int64_t row_length,
+      bool full_width) const {
+#pragma GCC unroll 24
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+      if (kh < rows) {
+        scalar_t* row = dst + kh * row_step;
+#pragma GCC unroll 24
+        for (int r = 0; r < kRowVectors; ++r) {
+          scalar_t* at = row + r * Vec::size();
+          const int64_t lanes = row_length - r * Vec::size();
+          if (full_width || lanes >= Vec::size()) {
+            (Vec::loadu(at) + acc[kh][r]).store(at);
+          } else {
+            (Vec::loadu(at, lanes) + acc[kh][r]).store(at, lanes);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Whether the disjoint-window path can take these arguments.
+template <typename scalar_t>
+bool disjoint_windows_path_applies(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const auto& p = a.params;
+  const int64_t row_vectors = plan.row_pitch / Vec::size();
+  return p.pool_stride[0] >= p.pool_kernel[0] &&
+      p.pool_stride[1] >= p.pool_kernel[1] && p.dilation[1] == 1 &&
+      row_vectors <= 6 &&
+      a.shape.kernel_h * row_vectors <= kRegisterBudget<scalar_t>;
+}
+
+// A conv output that receives gradient from output channel `weight_rows`
+// belongs to, with the gradient of the pooled output whose arg-max it is.
+template <typename scalar_t>
+struct ChannelGradient {
+  const scalar_t* weight_rows;  // (KH, row_pitch)
+  scalar_t grad;
+};
+
+// With disjoint windows each conv output is the arg-max of at most one
+// pooled output per channel. The image and grad_input are staged with the
+// conv padding, so every receptive field lies inside them (a tap in the
+// padding reads 0, and its grad_input lands in the padding, which is
+// dropped):
+// - grad_weight of output channel oc: for each of its arg-max positions,
+//   grad * receptive field, summed in registers over the channel's plane;
+// - grad_input: for each conv position, the weight rows of every channel
+//   whose arg-max it is, times that channel's grad, summed in registers and
+//   added to the staged grad_input once per position.
+template <typename scalar_t, typename code_t, int kRowVectors>
+void backward_disjoint_windows(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using Rows = RegisterRows<scalar_t, kRowVectors>;
+  const auto& s = a.shape;
+  const auto& p = a.params;
+  const StagedPlane staged{
+      plan.in_group, s.in_h, s.in_w, p.padding[0], p.padding[1]};
+  const int64_t pixel_step = plan.in_group;
+  const int64_t row_step = p.dilation[0] * staged.padded_w() * pixel_step;
+  // Staged offset of a conv position's receptive field, and of the fields
+  // of a pooled output's window origin and of each arg-max code within it.
+  const int64_t conv_row_step = p.stride[0] * staged.padded_w() * pixel_step;
+  const int64_t conv_col_step = p.stride[1] * pixel_step;
+  const int64_t window_row_step = p.pool_stride[0] * conv_row_step;
+  const int64_t window_col_step = p.pool_stride[1] * conv_col_step;
+  const int64_t window_origin =
+      -p.pool_padding[0] * conv_row_step - p.pool_padding[1] * conv_col_step;
+  const int64_t window = p.pool_kernel[0] * p.pool_kernel[1];
+  std::vector<int64_t> code_field(window + 1, 0);
+  std::vector<int64_t> code_position(window + 1, 0);
+  for (int64_t code = 1; code <= window; ++code) {
+    int64_t dy = 0, dx = 0;
+    geo::decode_argmax(code, p.pool_kernel[1], dy, dx);
+    code_field[code] = dy * conv_row_step + dx * conv_col_step;
+    code_position[code] = dy * s.conv_w + dx;
+  }
+  const int64_t positions = s.conv_h * s.conv_w;
+
+  const scalar_t* grad_output = a.grad_output.const_data_ptr<scalar_t>();
+  const code_t* codes = a.codes.const_data_ptr<code_t>();
+  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
+  const std::vector<scalar_t> weight =
+      plan.need_input ? weight_rows(a, plan) : std::vector<scalar_t>();
+  std::vector<acc_t> partials(plan.chunks * plan.partial_size, acc_t(0));
+  std::vector<uint8_t> non_finite(plan.chunks, 0);
+
+  const int64_t chunk_flops = plan.chunk_images * s.out_channels *
+      plan.pooled * plan.weight_size;
+  at::parallel_for(
+      0, plan.chunks,
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
+      [&](int64_t begin, int64_t end) {
+        // Slack of one row pitch: full-width rows may run past the last
+        // pixel. The padding border of image_cl stays 0.
+        std::vector<scalar_t> image_cl(
+            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0);
+        std::vector<scalar_t> grad_cl(
+            plan.need_input ? staged.size() + plan.row_pitch : 0);
+        std::vector<scalar_t> image_weight_grad(
+            plan.need_weight ? plan.out_group * plan.padded_weight_size : 0);
+        // grad_input's work list, grouped by conv position.
+        std::vector<int64_t> position_start(plan.need_input ? positions + 1 : 0);
+        std::vector<ChannelGradient<scalar_t>> channel_grads(
+            plan.need_input ? plan.out_group * plan.pooled : 0);
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          acc_t* partial = partials.data() + chunk * plan.partial_size;
+          const int64_t n_end =
+              std::min(s.batch, (chunk + 1) * plan.chunk_images);
+          for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
+            for (int64_t group = 0; group < p.groups; ++group) {
+              const int64_t slice =
+                  (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
+              const int64_t first_plane =
+                  n * s.out_channels + group * plan.out_group;
+              const scalar_t* plane_grads =
+                  grad_output + first_plane * plan.pooled;
+              const code_t* plane_codes = codes + first_plane * plan.pooled;
+              if (plan.need_weight) {
+                to_channels_last(image_cl.data(), input + slice, staged);
+                non_finite[chunk] |=
+                    has_non_finite(image_cl.data(), staged.size());
+              }
+              if (plan.need_weight || plan.need_bias) {
+                for (int64_t j = 0; j < plan.out_group; ++j) {
+                  const scalar_t* grads = plane_grads + j * plan.pooled;
+                  const code_t* cell_codes = plane_codes + j * plan.pooled;
+                  Rows sums;
+                  sums.zero();
+                  scalar_t bias_sum = 0;
+                  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+                    const int64_t row_fields =
+                        window_origin + ph * window_row_step;
+                    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+                      const int64_t cell = ph * s.pooled_w + pw;
+                      const int64_t code = static_cast<int64_t>(cell_codes[cell]);
+                      if (code == geo::kNoGradient) {
+                        continue;
+                      }
+                      const scalar_t grad = grads[cell];
+                      bias_sum += grad;
+                      if (plan.need_weight) {
+                        sums.fmadd(
+                            Vec(grad),
+                            image_cl.data() + row_fields +
+                                pw * window_col_step + code_field[code],
+                            row_step, s.kernel_h);
+                      }
+                    }
+                  }
+                  const int64_t oc = group * plan.out_group + j;
+                  if (plan.need_weight) {
+                    sums.store(
+                        image_weight_grad.data() + j * plan.padded_weight_size,
+                        plan.row_pitch, s.kernel_h);
+                  }
+                  if (plan.need_bias) {
+                    partial[s.out_channels * plan.weight_size + oc] += bias_sum;
+                  }
+                }
+                if (plan.need_weight) {
+                  add_weight_rows(
+                      partial + group * plan.out_group * plan.weight_size,
+                      image_weight_grad.data(), plan.out_group * s.kernel_h,
+                      plan);
+                }
+              }
+              if (!plan.need_input) {
+                continue;
+              }
+              // Counting sort of (position, channel) pairs by position;
+              // channels stay in order within a position.
+              std::fill(position_start.begin(), position_start.end(), 0);
+              const auto for_each_pair = [&](const auto& fn) {
+                for (int64_t j = 0; j < plan.out_group; ++j) {
+                  const code_t* cell_codes = plane_codes + j * plan.pooled;
+                  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+                    const int64_t row_origin =
+                        (ph * p.pool_stride[0] - p.pool_padding[0]) * s.conv_w -
+                        p.pool_padding[1];
+                    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+                      const int64_t cell = ph * s.pooled_w + pw;
+                      const int64_t code =
+                          static_cast<int64_t>(cell_codes[cell]);
+                      if (code != geo::kNoGradient) {
+                        fn(j, cell,
+                           row_origin + pw * p.pool_stride[1] +
+                               code_position[code]);
+                      }
+                    }
+                  }
+                }
+              };
+              for_each_pair([&](int64_t, int64_t, int64_t position) {
+                ++position_start[position + 1];
+              });
+              for (int64_t i = 0; i < positions; ++i) {
+                position_start[i + 1] += position_start[i];
+              }
+              for_each_pair([&](int64_t j, int64_t cell, int64_t position) {
+                const int64_t oc = group * plan.out_group + j;
+                channel_grads[position_start[position]++] = {
+                    weight.data() + oc * plan.padded_weight_size,
+                    plane_grads[j * plan.pooled + cell]};
+              });
+              // position_start[i] now holds the end of position i's pairs.
+              std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
+              int64_t pair = 0;
+              for (int64_t position = 0; position < positions; ++position) {
+                const int64_t pairs_end = position_start[position];
+                if (pair == pairs_end) {
+                  continue;
+                }
+                Rows sums;
+                sums.zero();
+                bool finite = true;
+                for (; pair < pairs_end; ++pair) {
+                  const auto& item = channel_grads[pair];
+                  sums.fmadd(
+                      Vec(item.grad), item.weight_rows, plan.row_pitch,
+                      s.kernel_h);
+                  finite &= std::isfinite(item.grad);
+                }
+                // The padding lanes of the weight rows are 0, so a finite
+                // sum leaves the values past a row unchanged; grad * 0 is
+                // NaN for an infinite grad, which must not spill over.
+                const int64_t oh = position / s.conv_w;
+                const int64_t ow = position % s.conv_w;
+                sums.add_to(
+                    grad_cl.data() + oh * conv_row_step + ow * conv_col_step,
+                    row_step, s.kernel_h, plan.row_length, finite);
+              }
+              from_channels_last(
+                  a.grad_input.mutable_data_ptr<scalar_t>() + slice,
+                  grad_cl.data(), staged);
+            }
+          }
+        }
+      });
+  *a.input_non_finite = std::any_of(
+      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
+  if (plan.need_weight || plan.need_bias) {
+    write_weight_and_bias_gradients(a, plan, partials);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// General path: overlapping windows, horizontal dilation, wide rows.
+
+// dst[j] += alpha * src[j] for j < count.
+template <typename scalar_t>
+inline void axpy(
+    scalar_t* dst, const scalar_t* src, scalar_t alpha, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec a(alpha);
+  int64_t j = 0;
+  for (; j + Vec::size() <= count; j += Vec::size()) {
+    at::vec::fmadd(a, Vec::loadu(src + j), Vec::loadu(dst + j)).store(dst + j);
+  }
+  if (j < count) {
+    const int64_t rest = count - j;
+    at::vec::fmadd(a, Vec::loadu(src + j, rest), Vec::loadu(dst + j, rest))
+        .store(dst + j, rest);
+  }
+}
+
+// A conv output that receives gradient, and the sum of the gradients of the
+// pooled outputs whose arg-max it is.
+template <typename scalar_t>
+struct ActivePosition {
+  int64_t oh, ow;
+  scalar_t grad;
+};
+
+// The active conv positions of one (image, output channel) plane, in pooled
+// order. When pooling windows overlap, one conv output can be the arg-max of
+// several windows: it is listed once, at its first window, with the sum of
+// their gradients taken in pooled order as max_pool2d's backward adds them,
+// so the result matches native exactly (an inf input times g1 + g2 is not
+// g1 * inf + g2 * inf).
+template <typename scalar_t, typename code_t>
+void collect_active_positions(
+    const scalar_t* grad_output, const code_t* codes,
+    const geo::PoolGeometry& pool, bool windows_overlap,
+    std::vector<ActivePosition<scalar_t>>& active) {
+  active.clear();
+  for (int64_t ph = 0; ph < pool.pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < pool.pooled_w; ++pw) {
+      const int64_t cell = ph * pool.pooled_w + pw;
+      const int64_t code = static_cast<int64_t>(codes[cell]);
+      if (code == geo::kNoGradient) {
+        continue;
+      }
+      int64_t dy = 0, dx = 0;
+      geo::decode_argmax(code, pool.kernel_w, dy, dx);
+      const int64_t oh = ph * pool.stride_h - pool.padding_h + dy;
+      const int64_t ow = pw * pool.stride_w - pool.padding_w + dx;
+      if (!windows_overlap) {
+        active.push_back({oh, ow, grad_output[cell]});
+        continue;
+      }
+      const auto gathered = geo::gather_gradient<scalar_t>(
+          grad_output, codes, oh, ow, pool);
+      if (gathered.first_window == cell) {
+        active.push_back({oh, ow, gathered.sum});
+      }
+    }
+  }
+}
+
+// For each image and group, every active conv position (oh, ow) read, for
+// kernel row kh, the input row ih0 + kh * dilation_h over columns
+// iw0 + kw * dilation_w: in the channels-last image the valid taps of that
+// row across the group's channels are one contiguous run when
+// dilation_w == 1, and C-long runs otherwise, so each run is one axpy for
+// grad_input and one for grad_weight.
+template <typename scalar_t, typename code_t>
+void backward_general(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const auto& s = a.shape;
+  const auto& p = a.params;
+  const StagedPlane staged{plan.in_group, s.in_h, s.in_w, 0, 0};
+  const scalar_t* grad_output = a.grad_output.const_data_ptr<scalar_t>();
+  const code_t* codes = a.codes.const_data_ptr<code_t>();
+  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
+  const std::vector<scalar_t> weight =
+      plan.need_input ? weight_rows(a, plan) : std::vector<scalar_t>();
+  const geo::PoolGeometry pool = ops::pool_geometry(s, p);
+  const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
+      p.pool_stride[1] < p.pool_kernel[1];
+  std::vector<acc_t> partials(plan.chunks * plan.partial_size, acc_t(0));
+  std::vector<uint8_t> non_finite(plan.chunks, 0);
+
+  const int64_t chunk_flops = plan.chunk_images * s.out_channels *
+      plan.pooled * plan.weight_size;
+  at::parallel_for(
+      0, plan.chunks,
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
+      [&](int64_t begin, int64_t end) {
+        // Slack of one row pitch: full-width rows may run past the last pixel.
+        std::vector<scalar_t> image_cl(
+            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0);
+        std::vector<scalar_t> grad_cl(
+            plan.need_input ? staged.size() + plan.row_pitch : 0);
+        std::vector<scalar_t> image_weight_grad(
+            plan.need_weight ? plan.out_group * plan.padded_weight_size : 0);
+        std::vector<ActivePosition<scalar_t>> active;
+        active.reserve(plan.pooled);
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          acc_t* partial = partials.data() + chunk * plan.partial_size;
+          const int64_t n_end =
+              std::min(s.batch, (chunk + 1) * plan.chunk_images);
+          for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
+            for (int64_t group = 0; group < p.groups; ++group) {
+              const int64_t slice =
+                  (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
+              if (plan.need_weight) {
+                to_channels_last(image_cl.data(), input + slice, staged);
+                non_finite[chunk] |=
+                    has_non_finite(image_cl.data(), staged.size());
+                std::fill(
+                    image_weight_grad.begin(), image_weight_grad.end(),
+                    scalar_t(0));
+              }
+              if (plan.need_input) {
+                std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
+              }
+              for (int64_t j = 0; j < plan.out_group; ++j) {
+                const int64_t oc = group * plan.out_group + j;
+                const int64_t offset = (n * s.out_channels + oc) * plan.pooled;
+                const scalar_t* w =
+                    plan.need_input
+                    ? weight.data() + oc * plan.padded_weight_size
+                    : nullptr;
+                scalar_t* gw = plan.need_weight
+                    ? image_weight_grad.data() + j * plan.padded_weight_size
+                    : nullptr;
+                collect_active_positions(
+                    grad_output + offset, codes + offset, pool,
+                    windows_overlap, active);
+                scalar_t bias_sum = 0;
+                for (const auto& position : active) {
+                  bias_sum += position.grad;
+                  if (!plan.need_input && !plan.need_weight) {
+                    continue;
+                  }
+                  const auto rows = geo::valid_taps(
+                      position.oh, s.kernel_h, p.stride[0], p.padding[0],
+                      p.dilation[0], s.in_h);
+                  const auto cols = geo::valid_taps(
+                      position.ow, s.kernel_w, p.stride[1], p.padding[1],
+                      p.dilation[1], s.in_w);
+                  const int64_t ih0 = position.oh * p.stride[0] - p.padding[0];
+                  const int64_t iw0 = position.ow * p.stride[1] - p.padding[1];
+                  // Contiguous runs per kernel row: all valid taps at once
+                  // when dilation_w == 1, else one tap at a time.
+                  const int64_t run_taps =
+                      p.dilation[1] == 1 ? cols.end - cols.begin : 1;
+                  for (int64_t kh = rows.begin; kh < rows.end; ++kh) {
+                    const int64_t ih = ih0 + kh * p.dilation[0];
+                    for (int64_t kw = cols.begin; kw < cols.end;
+                         kw += run_taps) {
+                      const int64_t pixel =
+                          (ih * s.in_w + iw0 + kw * p.dilation[1]) *
+                          plan.in_group;
+                      const int64_t tap =
+                          kh * plan.row_pitch + kw * plan.in_group;
+                      const int64_t length = run_taps * plan.in_group;
+                      if (plan.need_input) {
+                        axpy(grad_cl.data() + pixel, w + tap, position.grad,
+                             length);
+                      }
+                      if (plan.need_weight) {
+                        axpy(gw + tap, image_cl.data() + pixel, position.grad,
+                             length);
+                      }
+                    }
+                  }
+                }
+                if (plan.need_bias) {
+                  partial[s.out_channels * plan.weight_size + oc] += bias_sum;
+                }
+              }
+              if (plan.need_input) {
+                from_channels_last(
+                    a.grad_input.mutable_data_ptr<scalar_t>() + slice,
+                    grad_cl.data(), staged);
+              }
+              if (plan.need_weight) {
+                add_weight_rows(
+                    partial + group * plan.out_group * plan.weight_size,
+                    image_weight_grad.data(), plan.out_group * s.kernel_h,
+                    plan);
+              }
+            }
+          }
+        }
+      });
+  *a.input_non_finite = std::any_of(
+      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
+  if (plan.need_weight || plan.need_bias) {
+    write_weight_and_bias_gradients(a, plan, partials);
+  }
+}
+
+template <typename scalar_t, typename code_t>
+void backward_typed(const ConvPoolBackwardArgs& a) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const BackwardPlan<scalar_t> plan(a);
+  if (!disjoint_windows_path_applies(a, plan)) {
+    backward_general<scalar_t, code_t>(a, plan);
+    return;
+  }
+  switch (plan.row_pitch / Vec::size()) {
+    case 1: backward_disjoint_windows<scalar_t, code_t, 1>(a, plan); break;
+    case 2: backward_disjoint_windows<scalar_t, code_t, 2>(a, plan); break;
+    case 3: backward_disjoint_windows<scalar_t, code_t, 3>(a, plan); break;
+    case 4: backward_disjoint_windows<scalar_t, code_t, 4>(a, plan); break;
+    case 5: backward_disjoint_windows<scalar_t, code_t, 5>(a, plan); break;
+    default: backward_disjoint_windows<scalar_t, code_t, 6>(a, plan); break;
+  }
+}
+
+void conv_pool_backward(const ConvPoolBackwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES(
+      args.input.scalar_type(), "conv2d_relu_max_pool2d_backward_cpu", [&] {
+        dispatch_code_type(args.codes.scalar_type(), [&](auto code) {
+          backward_typed<scalar_t, decltype(code)>(args);
+        });
+      });
+}
+
+}  // namespace
+
+PTFAST_REGISTER_ISA_KERNEL(conv_pool_backward_stub, &conv_pool_backward);
+
+}  // namespace ptfast::cpu

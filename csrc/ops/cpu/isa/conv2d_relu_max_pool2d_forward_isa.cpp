@@ -1,0 +1,434 @@
+// Vectorised CPU forward of the fused conv2d -> ReLU -> max_pool2d operator.
+// Compiled once per instruction set (see csrc/ops/cpu/isa_dispatch.h).
+//
+// One task per (image, block of output channels). The task computes those
+// channels' conv planes in a thread-local buffer (never in a tensor), then
+// max-pools them, writing the pooled value and the arg-max code of each
+// window.
+#include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
+#include "ops/geometry.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace ptfast::cpu {
+namespace {
+
+namespace geo = ptfast::geometry;
+
+// Output channels computed together: each input vector loaded feeds this
+// many independent multiply-add chains (12 accumulators still fit AVX2's 16
+// registers with the input vector and a broadcast weight).
+constexpr int64_t kMaxChannelBlock = 12;
+
+// Geometry of the conv plane buffer of one output channel. With unit stride,
+// row oh of the plane is stored at oh * padded_w, the pitch of the (padded)
+// input, so one contiguous pass covers every row and a kernel tap is a fixed
+// offset into the input; the columns between ow = conv_w and the next row are
+// scratch the pooling never reads. With a vertical stride only, each conv row
+// is its own pass; with a horizontal stride the scalar path is taken.
+struct PlaneLayout {
+  int64_t padded_h, padded_w;  // input plane size including zero padding
+  int64_t row_pitch;           // distance between conv rows in the buffer
+  int64_t length;              // elements of the buffer that are computed
+};
+
+PlaneLayout plane_layout(
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  PlaneLayout layout{};
+  layout.padded_h = s.in_h + 2 * p.padding[0];
+  layout.padded_w = s.in_w + 2 * p.padding[1];
+  if (p.stride[0] == 1 && p.stride[1] == 1) {
+    layout.row_pitch = layout.padded_w;
+    layout.length = (s.conv_h - 1) * layout.padded_w + s.conv_w;
+  } else {
+    layout.row_pitch = s.conv_w;
+    layout.length = s.conv_h * s.conv_w;
+  }
+  return layout;
+}
+
+// A contiguous run of conv outputs whose inputs are also contiguous.
+struct Segment {
+  int64_t source_offset;
+  int64_t plane_offset;
+  int64_t length;
+};
+
+// Computes kBlock conv planes (output channels oc0 .. oc0 + kBlock - 1 of a
+// group) over one segment, from zero-padded input planes `source`.
+// `tap_offsets[t]` is the input offset of kernel tap t = kh * KW + kw.
+template <typename scalar_t, int kBlock>
+void conv_segment(
+    scalar_t* planes, int64_t plane_stride, const scalar_t* source,
+    int64_t channel_size, const scalar_t* weight, int64_t weight_stride,
+    const scalar_t* bias, int64_t channels, const int64_t* tap_offsets,
+    int64_t taps, const Segment& segment) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  auto compute = [&](int64_t i, int64_t count, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    Vec acc[kBlock];
+    for (int j = 0; j < kBlock; ++j) {
+      acc[j] = Vec(bias != nullptr ? bias[j] : scalar_t(0));
+    }
+    const scalar_t* src = source + segment.source_offset + i;
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* w = weight + c * taps;
+      for (int64_t t = 0; t < taps; ++t) {
+        const Vec x = kFull ? Vec::loadu(src + tap_offsets[t])
+                            : Vec::loadu(src + tap_offsets[t], count);
+        for (int j = 0; j < kBlock; ++j) {
+          acc[j] = at::vec::fmadd(Vec(w[j * weight_stride + t]), x, acc[j]);
+        }
+      }
+      src += channel_size;
+    }
+    scalar_t* dst = planes + segment.plane_offset + i;
+    for (int j = 0; j < kBlock; ++j) {
+      if (kFull) {
+        acc[j].store(dst + j * plane_stride);
+      } else {
+        acc[j].store(dst + j * plane_stride, count);
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + Vec::size() <= segment.length; i += Vec::size()) {
+    compute(i, Vec::size(), std::true_type{});
+  }
+  if (i < segment.length) {
+    compute(i, segment.length - i, std::false_type{});
+  }
+}
+
+// Horizontal stride > 1: inputs of neighbouring outputs are not contiguous.
+template <typename scalar_t>
+void conv_plane_strided(
+    scalar_t* plane, const scalar_t* source, const scalar_t* weight,
+    scalar_t bias, int64_t channels, const PlaneLayout& layout,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  std::fill(plane, plane + layout.length, bias);
+  const int64_t channel_size = layout.padded_h * layout.padded_w;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t oh = 0; oh < s.conv_h; ++oh) {
+      scalar_t* out_row = plane + oh * layout.row_pitch;
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+        const scalar_t* in_row = source + c * channel_size +
+            (oh * p.stride[0] + kh * p.dilation[0]) * layout.padded_w;
+        const scalar_t* taps = weight + (c * s.kernel_h + kh) * s.kernel_w;
+        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+          const scalar_t w = taps[kw];
+          const scalar_t* in = in_row + kw * p.dilation[1];
+          for (int64_t ow = 0; ow < s.conv_w; ++ow) {
+            out_row[ow] += w * in[ow * p.stride[1]];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Computes `block` consecutive conv planes of one group.
+template <typename scalar_t>
+void conv_planes(
+    scalar_t* planes, const scalar_t* source, const scalar_t* weight,
+    const scalar_t* bias, int64_t block, int64_t channels,
+    const std::vector<int64_t>& tap_offsets, const PlaneLayout& layout,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  const int64_t channel_size = layout.padded_h * layout.padded_w;
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t weight_stride = channels * taps;
+  if (p.stride[1] != 1) {
+    for (int64_t j = 0; j < block; ++j) {
+      conv_plane_strided(
+          planes + j * layout.length, source, weight + j * weight_stride,
+          bias != nullptr ? bias[j] : scalar_t(0), channels, layout, s, p);
+    }
+    return;
+  }
+  auto run = [&](const Segment& segment) {
+    auto call = [&](auto block_size) {
+      conv_segment<scalar_t, decltype(block_size)::value>(
+          planes, layout.length, source, channel_size, weight, weight_stride,
+          bias, channels, tap_offsets.data(), taps, segment);
+    };
+    switch (block) {
+      case 1: call(std::integral_constant<int, 1>{}); break;
+      case 2: call(std::integral_constant<int, 2>{}); break;
+      case 3: call(std::integral_constant<int, 3>{}); break;
+      case 4: call(std::integral_constant<int, 4>{}); break;
+      case 5: call(std::integral_constant<int, 5>{}); break;
+      case 6: call(std::integral_constant<int, 6>{}); break;
+      case 7: call(std::integral_constant<int, 7>{}); break;
+      case 8: call(std::integral_constant<int, 8>{}); break;
+      case 9: call(std::integral_constant<int, 9>{}); break;
+      case 10: call(std::integral_constant<int, 10>{}); break;
+      case 11: call(std::integral_constant<int, 11>{}); break;
+      default: call(std::integral_constant<int, 12>{}); break;
+    }
+  };
+  if (p.stride[0] == 1) {
+    run({0, 0, layout.length});
+  } else {
+    for (int64_t oh = 0; oh < s.conv_h; ++oh) {
+      run({oh * p.stride[0] * layout.padded_w, oh * layout.row_pitch,
+           s.conv_w});
+    }
+  }
+}
+
+// Max-pooling follows max_pool2d: the first maximum of a window wins, a NaN
+// wins and the last NaN is kept. ReLU is applied to the maximum:
+// relu(max(x)) == max(relu(x)), and the arg-max of x is the arg-max of
+// relu(x) whenever that maximum is positive or NaN; otherwise no gradient
+// flows through the window (code kNoGradient).
+template <typename scalar_t, typename code_t>
+void pool_cell(
+    const scalar_t* plane, int64_t row_pitch, int64_t ph, int64_t pw,
+    scalar_t* output, code_t* codes, const ops::ConvPoolShape& s,
+    const ops::ConvPoolParams& p) {
+  const geo::Window wh = geo::pool_window(
+      ph, p.pool_kernel[0], p.pool_stride[0], p.pool_padding[0], s.conv_h);
+  const geo::Window ww = geo::pool_window(
+      pw, p.pool_kernel[1], p.pool_stride[1], p.pool_padding[1], s.conv_w);
+  scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+  int64_t best_h = wh.begin;
+  int64_t best_w = ww.begin;
+  for (int64_t h = wh.begin; h < wh.end; ++h) {
+    const scalar_t* row = plane + h * row_pitch;
+    for (int64_t w = ww.begin; w < ww.end; ++w) {
+      const scalar_t value = row[w];
+      const bool take = value > best || std::isnan(value);
+      best = take ? value : best;
+      best_h = take ? h : best_h;
+      best_w = take ? w : best_w;
+    }
+  }
+  const int64_t cell = ph * s.pooled_w + pw;
+  const bool blocked = best <= scalar_t(0);
+  output[cell] = blocked ? scalar_t(0) : best;
+  if (codes != nullptr) {
+    codes[cell] = static_cast<code_t>(
+        blocked ? geo::kNoGradient
+                : geo::encode_argmax(
+                      best_h - wh.origin, best_w - ww.origin,
+                      p.pool_kernel[1]));
+  }
+}
+
+// `count` lanes of plane values `step` apart (step 1 or 2), from `data`.
+template <typename scalar_t>
+at::vec::Vectorized<scalar_t> load_every(
+    const scalar_t* data, int64_t step, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if (step == 1) {
+    return Vec::loadu(data, count);
+  }
+  const int64_t needed = 2 * count - 1;
+  const Vec low = Vec::loadu(data, std::min<int64_t>(needed, Vec::size()));
+  const Vec high = needed > Vec::size()
+      ? Vec::loadu(data + Vec::size(), needed - Vec::size())
+      : Vec(0);
+  return at::vec::deinterleave2(low, high).first;
+}
+
+// Pools `count` neighbouring windows of pooled row ph at once, one per lane;
+// every window must lie inside the conv plane and pool_stride[1] be 1 or 2.
+template <typename scalar_t, typename code_t>
+void pool_cells_vectorized(
+    const scalar_t* plane, int64_t row_pitch, int64_t ph, int64_t pw0,
+    int64_t count, scalar_t* output, code_t* codes,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t origin_h = ph * p.pool_stride[0] - p.pool_padding[0];
+  const int64_t origin_w = pw0 * p.pool_stride[1] - p.pool_padding[1];
+  Vec best(-std::numeric_limits<scalar_t>::infinity());
+  Vec code(0);
+  for (int64_t dy = 0; dy < p.pool_kernel[0]; ++dy) {
+    const scalar_t* row = plane + (origin_h + dy) * row_pitch + origin_w;
+    for (int64_t dx = 0; dx < p.pool_kernel[1]; ++dx) {
+      const Vec value = load_every(row + dx, p.pool_stride[1], count);
+      const Vec take = (value > best) | value.isnan();
+      best = Vec::blendv(best, value, take);
+      code = Vec::blendv(
+          code,
+          Vec(static_cast<scalar_t>(
+              geo::encode_argmax(dy, dx, p.pool_kernel[1]))),
+          take);
+    }
+  }
+  const Vec zero(0);
+  const Vec blocked = best <= zero;
+  const int64_t cell = ph * s.pooled_w + pw0;
+  Vec::blendv(best, zero, blocked).store(output + cell, count);
+  if (codes != nullptr) {
+    scalar_t lanes[Vec::size()];
+    Vec::blendv(code, Vec(geo::kNoGradient), blocked).store(lanes);
+    for (int64_t lane = 0; lane < count; ++lane) {
+      codes[cell + lane] = static_cast<code_t>(lanes[lane]);
+    }
+  }
+}
+
+// First and one-past-last pooled index whose window lies inside the conv
+// output along one axis.
+geo::TapRange interior_windows(
+    int64_t kernel, int64_t stride, int64_t padding, int64_t conv_size,
+    int64_t pooled_size) {
+  const int64_t begin = (padding + stride - 1) / stride;
+  const int64_t last = conv_size - kernel + padding;
+  const int64_t end = last < 0 ? 0 : std::min(pooled_size, last / stride + 1);
+  return {std::min(begin, end), end};
+}
+
+template <typename scalar_t, typename code_t>
+void pool_plane(
+    const scalar_t* plane, int64_t row_pitch, scalar_t* output, code_t* codes,
+    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const geo::TapRange rows = interior_windows(
+      p.pool_kernel[0], p.pool_stride[0], p.pool_padding[0], s.conv_h,
+      s.pooled_h);
+  const geo::TapRange cols = p.pool_stride[1] <= 2
+      ? interior_windows(
+            p.pool_kernel[1], p.pool_stride[1], p.pool_padding[1], s.conv_w,
+            s.pooled_w)
+      : geo::TapRange{0, 0};
+  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+    const bool vector_row = ph >= rows.begin && ph < rows.end;
+    const int64_t vec_begin = vector_row ? cols.begin : s.pooled_w;
+    const int64_t vec_end = vector_row ? cols.end : s.pooled_w;
+    for (int64_t pw = 0; pw < vec_begin; ++pw) {
+      pool_cell(plane, row_pitch, ph, pw, output, codes, s, p);
+    }
+    for (int64_t pw = vec_begin; pw < vec_end; pw += Vec::size()) {
+      pool_cells_vectorized(
+          plane, row_pitch, ph, pw,
+          std::min<int64_t>(Vec::size(), vec_end - pw), output, codes, s, p);
+    }
+    for (int64_t pw = vec_end; pw < s.pooled_w; ++pw) {
+      pool_cell(plane, row_pitch, ph, pw, output, codes, s, p);
+    }
+  }
+}
+
+// Copies `channels` input planes into a zero-padded buffer.
+template <typename scalar_t>
+void stage_padded(
+    scalar_t* staged, const scalar_t* input, int64_t channels,
+    const PlaneLayout& layout, const ops::ConvPoolShape& s,
+    const ops::ConvPoolParams& p) {
+  std::fill(
+      staged, staged + channels * layout.padded_h * layout.padded_w,
+      scalar_t(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t h = 0; h < s.in_h; ++h) {
+      std::memcpy(
+          staged + (c * layout.padded_h + h + p.padding[0]) * layout.padded_w +
+              p.padding[1],
+          input + (c * s.in_h + h) * s.in_w, s.in_w * sizeof(scalar_t));
+    }
+  }
+}
+
+template <typename scalar_t, typename code_t>
+void forward_typed(const ConvPoolForwardArgs& a) {
+  const auto& s = a.shape;
+  const auto& p = a.params;
+  const int64_t in_group = s.in_channels_per_group(p);
+  const int64_t out_group = s.out_channels_per_group(p);
+  const PlaneLayout layout = plane_layout(s, p);
+  const bool padded = p.padding[0] > 0 || p.padding[1] > 0;
+  const int64_t staged_size =
+      padded ? in_group * layout.padded_h * layout.padded_w : 0;
+  // Output channels of a group split into equal blocks of at most
+  // kMaxChannelBlock; a task is one block of one image.
+  const int64_t blocks_per_group =
+      (out_group + kMaxChannelBlock - 1) / kMaxChannelBlock;
+  const int64_t block_size =
+      (out_group + blocks_per_group - 1) / blocks_per_group;
+  const int64_t blocks = p.groups * blocks_per_group;
+
+  std::vector<int64_t> tap_offsets;
+  for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+      tap_offsets.push_back(
+          kh * p.dilation[0] * layout.padded_w + kw * p.dilation[1]);
+    }
+  }
+
+  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
+  const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
+  const scalar_t* bias =
+      a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* output = a.output.mutable_data_ptr<scalar_t>();
+  code_t* codes =
+      a.codes.defined() ? a.codes.mutable_data_ptr<code_t>() : nullptr;
+  const int64_t weight_size = in_group * s.kernel_h * s.kernel_w;
+  const int64_t pooled_size = s.pooled_h * s.pooled_w;
+  const int64_t task_flops = block_size * weight_size * s.conv_h * s.conv_w;
+
+  at::parallel_for(
+      0, s.batch * blocks,
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, task_flops)),
+      [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> planes(block_size * layout.length);
+        std::vector<scalar_t> staged(staged_size);
+        int64_t staged_source = -1;  // (n * groups + group) held in `staged`
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / blocks;
+          const int64_t group = (task % blocks) / blocks_per_group;
+          const int64_t first = group * out_group +
+              (task % blocks_per_group) * block_size;
+          const int64_t block =
+              std::min(block_size, (group + 1) * out_group - first);
+          const scalar_t* source =
+              input + (n * s.in_channels + group * in_group) * s.in_h * s.in_w;
+          if (padded) {
+            const int64_t key = n * p.groups + group;
+            if (key != staged_source) {
+              stage_padded(staged.data(), source, in_group, layout, s, p);
+              staged_source = key;
+            }
+            source = staged.data();
+          }
+          conv_planes(
+              planes.data(), source, weight + first * weight_size,
+              bias != nullptr ? bias + first : nullptr, block, in_group,
+              tap_offsets, layout, s, p);
+          for (int64_t j = 0; j < block; ++j) {
+            const int64_t plane_index = n * s.out_channels + first + j;
+            pool_plane(
+                planes.data() + j * layout.length, layout.row_pitch,
+                output + plane_index * pooled_size,
+                codes != nullptr ? codes + plane_index * pooled_size : nullptr,
+                s, p);
+          }
+        }
+      });
+}
+
+void conv_pool_forward(const ConvPoolForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES(
+      args.input.scalar_type(), "conv2d_relu_max_pool2d_cpu", [&] {
+        dispatch_code_type(
+            ops::argmax_code_dtype(args.params), [&](auto code) {
+              forward_typed<scalar_t, decltype(code)>(args);
+            });
+      });
+}
+
+}  // namespace
+
+PTFAST_REGISTER_ISA_KERNEL(conv_pool_forward_stub, &conv_pool_forward);
+
+}  // namespace ptfast::cpu
