@@ -29,33 +29,34 @@ namespace geo = ptfast::geometry;
 // many independent multiply-add chains (12 accumulators still fit AVX2's 16
 // registers with the input vector and a broadcast weight).
 constexpr int64_t kMaxChannelBlock = 12;
+// Accumulators that fit the vector registers with room for the loads: two
+// vectors of outputs per pass for 12 channels on AVX-512 (32 registers), one
+// on AVX2 (16).
+template <typename scalar_t>
+constexpr int kPairedAccumulators =
+    sizeof(at::vec::Vectorized<scalar_t>) >= 64 ? 24 : 12;
 
-// Geometry of the conv plane buffer of one output channel. With unit stride,
-// row oh of the plane is stored at oh * padded_w, the pitch of the (padded)
-// input, so one contiguous pass covers every row and a kernel tap is a fixed
-// offset into the input; the columns between ow = conv_w and the next row are
-// scratch the pooling never reads. With a vertical stride only, each conv row
-// is its own pass; with a horizontal stride the scalar path is taken.
-struct PlaneLayout {
-  int64_t padded_h, padded_w;  // input plane size including zero padding
-  int64_t row_pitch;           // distance between conv rows in the buffer
-  int64_t length;              // elements of the buffer that are computed
+// The input of one image and group is staged once per kernel column kw as
+// "shifted columns": shifted[kw][c][ih][ow] = padded_input[c][ih][ow *
+// stride_w + kw * dilation_w], for every padded input row ih and conv column
+// ow. Conv row oh then reads, for tap (kh, kw), row oh * stride_h + kh *
+// dilation_h of shifted[kw], in the conv plane's own layout (row pitch
+// conv_w): with stride_h == 1 one contiguous pass computes the whole plane,
+// and no lane computes an output the pooling drops.
+struct StagedLayout {
+  int64_t padded_h;      // input rows including zero padding
+  int64_t channel_size;  // padded_h * conv_w
+  int64_t column_size;   // channels * channel_size, one kernel column
+  int64_t plane_size;    // conv_h * conv_w, one conv plane
+
+  StagedLayout(
+      const ops::ConvPoolShape& s, const ops::ConvPoolParams& p,
+      int64_t channels)
+      : padded_h(s.in_h + 2 * p.padding[0]),
+        channel_size(padded_h * s.conv_w),
+        column_size(channels * channel_size),
+        plane_size(s.conv_h * s.conv_w) {}
 };
-
-PlaneLayout plane_layout(
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
-  PlaneLayout layout{};
-  layout.padded_h = s.in_h + 2 * p.padding[0];
-  layout.padded_w = s.in_w + 2 * p.padding[1];
-  if (p.stride[0] == 1 && p.stride[1] == 1) {
-    layout.row_pitch = layout.padded_w;
-    layout.length = (s.conv_h - 1) * layout.padded_w + s.conv_w;
-  } else {
-    layout.row_pitch = s.conv_w;
-    layout.length = s.conv_h * s.conv_w;
-  }
-  return layout;
-}
 
 // A contiguous run of conv outputs whose inputs are also contiguous.
 struct Segment {
@@ -65,8 +66,8 @@ struct Segment {
 };
 
 // Computes kBlock conv planes (output channels oc0 .. oc0 + kBlock - 1 of a
-// group) over one segment, from zero-padded input planes `source`.
-// `tap_offsets[t]` is the input offset of kernel tap t = kh * KW + kw.
+// group) over one segment, from the staged shifted columns `source`.
+// `tap_offsets[t]` is the staged offset of kernel tap t = kh * KW + kw.
 template <typename scalar_t, int kBlock>
 void conv_segment(
     scalar_t* planes, int64_t plane_stride, const scalar_t* source,
@@ -74,66 +75,59 @@ void conv_segment(
     const scalar_t* bias, int64_t channels, const int64_t* tap_offsets,
     int64_t taps, const Segment& segment) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  auto compute = [&](int64_t i, int64_t count, auto full) {
-    constexpr bool kFull = decltype(full)::value;
-    Vec acc[kBlock];
+  // kVectors neighbouring vectors of outputs per pass, `count` lanes in the
+  // last one: each broadcast weight then feeds kVectors multiply-adds.
+  auto compute = [&](int64_t i, int64_t count, auto vectors) {
+    constexpr int kVectors = decltype(vectors)::value;
+    Vec acc[kVectors][kBlock];
     for (int j = 0; j < kBlock; ++j) {
-      acc[j] = Vec(bias != nullptr ? bias[j] : scalar_t(0));
+      const Vec initial(bias != nullptr ? bias[j] : scalar_t(0));
+      for (int v = 0; v < kVectors; ++v) {
+        acc[v][j] = initial;
+      }
     }
     const scalar_t* src = source + segment.source_offset + i;
     for (int64_t c = 0; c < channels; ++c) {
       const scalar_t* w = weight + c * taps;
       for (int64_t t = 0; t < taps; ++t) {
-        const Vec x = kFull ? Vec::loadu(src + tap_offsets[t])
-                            : Vec::loadu(src + tap_offsets[t], count);
+        Vec x[kVectors];
+        for (int v = 0; v < kVectors; ++v) {
+          const scalar_t* at = src + tap_offsets[t] + v * Vec::size();
+          x[v] = v + 1 < kVectors || count == Vec::size()
+              ? Vec::loadu(at)
+              : Vec::loadu(at, count);
+        }
         for (int j = 0; j < kBlock; ++j) {
-          acc[j] = at::vec::fmadd(Vec(w[j * weight_stride + t]), x, acc[j]);
+          const Vec weight_j(w[j * weight_stride + t]);
+          for (int v = 0; v < kVectors; ++v) {
+            acc[v][j] = at::vec::fmadd(weight_j, x[v], acc[v][j]);
+          }
         }
       }
       src += channel_size;
     }
     scalar_t* dst = planes + segment.plane_offset + i;
     for (int j = 0; j < kBlock; ++j) {
-      if (kFull) {
-        acc[j].store(dst + j * plane_stride);
-      } else {
-        acc[j].store(dst + j * plane_stride, count);
+      for (int v = 0; v < kVectors; ++v) {
+        scalar_t* at = dst + j * plane_stride + v * Vec::size();
+        if (v + 1 < kVectors || count == Vec::size()) {
+          acc[v][j].store(at);
+        } else {
+          acc[v][j].store(at, count);
+        }
       }
     }
   };
   int64_t i = 0;
-  for (; i + Vec::size() <= segment.length; i += Vec::size()) {
-    compute(i, Vec::size(), std::true_type{});
-  }
-  if (i < segment.length) {
-    compute(i, segment.length - i, std::false_type{});
-  }
-}
-
-// Horizontal stride > 1: inputs of neighbouring outputs are not contiguous.
-template <typename scalar_t>
-void conv_plane_strided(
-    scalar_t* plane, const scalar_t* source, const scalar_t* weight,
-    scalar_t bias, int64_t channels, const PlaneLayout& layout,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
-  std::fill(plane, plane + layout.length, bias);
-  const int64_t channel_size = layout.padded_h * layout.padded_w;
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t oh = 0; oh < s.conv_h; ++oh) {
-      scalar_t* out_row = plane + oh * layout.row_pitch;
-      for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
-        const scalar_t* in_row = source + c * channel_size +
-            (oh * p.stride[0] + kh * p.dilation[0]) * layout.padded_w;
-        const scalar_t* taps = weight + (c * s.kernel_h + kh) * s.kernel_w;
-        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
-          const scalar_t w = taps[kw];
-          const scalar_t* in = in_row + kw * p.dilation[1];
-          for (int64_t ow = 0; ow < s.conv_w; ++ow) {
-            out_row[ow] += w * in[ow * p.stride[1]];
-          }
-        }
-      }
+  if constexpr (2 * kBlock <= kPairedAccumulators<scalar_t>) {
+    for (; i + 2 * Vec::size() <= segment.length; i += 2 * Vec::size()) {
+      compute(i, Vec::size(), std::integral_constant<int, 2>{});
     }
+  }
+  for (; i < segment.length; i += Vec::size()) {
+    compute(
+        i, std::min<int64_t>(Vec::size(), segment.length - i),
+        std::integral_constant<int, 1>{});
   }
 }
 
@@ -142,24 +136,15 @@ template <typename scalar_t>
 void conv_planes(
     scalar_t* planes, const scalar_t* source, const scalar_t* weight,
     const scalar_t* bias, int64_t block, int64_t channels,
-    const std::vector<int64_t>& tap_offsets, const PlaneLayout& layout,
+    const std::vector<int64_t>& tap_offsets, const StagedLayout& layout,
     const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
-  const int64_t channel_size = layout.padded_h * layout.padded_w;
   const int64_t taps = s.kernel_h * s.kernel_w;
   const int64_t weight_stride = channels * taps;
-  if (p.stride[1] != 1) {
-    for (int64_t j = 0; j < block; ++j) {
-      conv_plane_strided(
-          planes + j * layout.length, source, weight + j * weight_stride,
-          bias != nullptr ? bias[j] : scalar_t(0), channels, layout, s, p);
-    }
-    return;
-  }
   auto run = [&](const Segment& segment) {
     auto call = [&](auto block_size) {
       conv_segment<scalar_t, decltype(block_size)::value>(
-          planes, layout.length, source, channel_size, weight, weight_stride,
-          bias, channels, tap_offsets.data(), taps, segment);
+          planes, layout.plane_size, source, layout.channel_size, weight,
+          weight_stride, bias, channels, tap_offsets.data(), taps, segment);
     };
     switch (block) {
       case 1: call(std::integral_constant<int, 1>{}); break;
@@ -177,11 +162,10 @@ void conv_planes(
     }
   };
   if (p.stride[0] == 1) {
-    run({0, 0, layout.length});
+    run({0, 0, layout.plane_size});
   } else {
     for (int64_t oh = 0; oh < s.conv_h; ++oh) {
-      run({oh * p.stride[0] * layout.padded_w, oh * layout.row_pitch,
-           s.conv_w});
+      run({oh * p.stride[0] * s.conv_w, oh * s.conv_w, s.conv_w});
     }
   }
 }
@@ -321,21 +305,43 @@ void pool_plane(
   }
 }
 
-// Copies `channels` input planes into a zero-padded buffer.
+// Stages `channels` input planes as shifted columns (see StagedLayout).
+// Only the values read from the input are written: the entries that come
+// from the zero padding are the same for every image and stay 0 from the
+// buffer's allocation.
 template <typename scalar_t>
-void stage_padded(
+void stage_shifted_columns(
     scalar_t* staged, const scalar_t* input, int64_t channels,
-    const PlaneLayout& layout, const ops::ConvPoolShape& s,
+    const StagedLayout& layout, const ops::ConvPoolShape& s,
     const ops::ConvPoolParams& p) {
-  std::fill(
-      staged, staged + channels * layout.padded_h * layout.padded_w,
-      scalar_t(0));
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t h = 0; h < s.in_h; ++h) {
-      std::memcpy(
-          staged + (c * layout.padded_h + h + p.padding[0]) * layout.padded_w +
-              p.padding[1],
-          input + (c * s.in_h + h) * s.in_w, s.in_w * sizeof(scalar_t));
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+    // Conv column ow reads input column ow * stride_w + first, which lies in
+    // the input for ow in [ow_begin, ow_end).
+    const int64_t first = kw * p.dilation[1] - p.padding[1];
+    const int64_t ow_begin =
+        std::min(s.conv_w, geo::ceil_div_nonneg(-first, p.stride[1]));
+    const int64_t ow_end = std::max(
+        ow_begin,
+        std::min(s.conv_w, geo::ceil_div_nonneg(s.in_w - first, p.stride[1])));
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t* dst = staged + kw * layout.column_size +
+          c * layout.channel_size + p.padding[0] * s.conv_w;
+      const scalar_t* src = input + c * s.in_h * s.in_w + first;
+      for (int64_t ih = 0; ih < s.in_h;
+           ++ih, dst += s.conv_w, src += s.in_w) {
+        if (p.stride[1] != 1) {
+          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+            dst[ow] = src[ow * p.stride[1]];
+          }
+          continue;
+        }
+        // Rows are short (often under two vectors): no memcpy call.
+        for (int64_t ow = ow_begin; ow < ow_end; ow += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), ow_end - ow);
+          Vec::loadu(src + ow, count).store(dst + ow, count);
+        }
+      }
     }
   }
 }
@@ -346,10 +352,7 @@ void forward_typed(const ConvPoolForwardArgs& a) {
   const auto& p = a.params;
   const int64_t in_group = s.in_channels_per_group(p);
   const int64_t out_group = s.out_channels_per_group(p);
-  const PlaneLayout layout = plane_layout(s, p);
-  const bool padded = p.padding[0] > 0 || p.padding[1] > 0;
-  const int64_t staged_size =
-      padded ? in_group * layout.padded_h * layout.padded_w : 0;
+  const StagedLayout layout(s, p, in_group);
   // Output channels of a group split into equal blocks of at most
   // kMaxChannelBlock; a task is one block of one image.
   const int64_t blocks_per_group =
@@ -362,7 +365,7 @@ void forward_typed(const ConvPoolForwardArgs& a) {
   for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
       tap_offsets.push_back(
-          kh * p.dilation[0] * layout.padded_w + kw * p.dilation[1]);
+          kw * layout.column_size + kh * p.dilation[0] * s.conv_w);
     }
   }
 
@@ -381,8 +384,8 @@ void forward_typed(const ConvPoolForwardArgs& a) {
       0, s.batch * blocks,
       std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, task_flops)),
       [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> planes(block_size * layout.length);
-        std::vector<scalar_t> staged(staged_size);
+        std::vector<scalar_t> planes(block_size * layout.plane_size);
+        std::vector<scalar_t> staged(s.kernel_w * layout.column_size, 0);
         int64_t staged_source = -1;  // (n * groups + group) held in `staged`
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks;
@@ -391,24 +394,23 @@ void forward_typed(const ConvPoolForwardArgs& a) {
               (task % blocks_per_group) * block_size;
           const int64_t block =
               std::min(block_size, (group + 1) * out_group - first);
-          const scalar_t* source =
-              input + (n * s.in_channels + group * in_group) * s.in_h * s.in_w;
-          if (padded) {
-            const int64_t key = n * p.groups + group;
-            if (key != staged_source) {
-              stage_padded(staged.data(), source, in_group, layout, s, p);
-              staged_source = key;
-            }
-            source = staged.data();
+          const int64_t key = n * p.groups + group;
+          if (key != staged_source) {
+            stage_shifted_columns(
+                staged.data(),
+                input +
+                    (n * s.in_channels + group * in_group) * s.in_h * s.in_w,
+                in_group, layout, s, p);
+            staged_source = key;
           }
           conv_planes(
-              planes.data(), source, weight + first * weight_size,
+              planes.data(), staged.data(), weight + first * weight_size,
               bias != nullptr ? bias + first : nullptr, block, in_group,
               tap_offsets, layout, s, p);
           for (int64_t j = 0; j < block; ++j) {
             const int64_t plane_index = n * s.out_channels + first + j;
             pool_plane(
-                planes.data() + j * layout.length, layout.row_pitch,
+                planes.data() + j * layout.plane_size, s.conv_w,
                 output + plane_index * pooled_size,
                 codes != nullptr ? codes + plane_index * pooled_size : nullptr,
                 s, p);
