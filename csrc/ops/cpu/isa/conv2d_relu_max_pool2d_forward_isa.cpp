@@ -227,6 +227,10 @@ at::vec::Vectorized<scalar_t> load_every(
 
 // Pools `count` neighbouring windows of pooled row ph at once, one per lane;
 // every window must lie inside the conv plane and pool_stride[1] be 1 or 2.
+// The maximum comes first (NaN-propagating); only when codes are wanted is
+// the window read again for the first tap equal to it, which is where
+// max_pool2d's scan ("the first maximum wins") stops. A lane holding a NaN
+// takes that scan itself, since there the last NaN wins.
 template <typename scalar_t, typename code_t>
 void pool_cells_vectorized(
     const scalar_t* plane, int64_t row_pitch, int64_t ph, int64_t pw0,
@@ -235,31 +239,50 @@ void pool_cells_vectorized(
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t origin_h = ph * p.pool_stride[0] - p.pool_padding[0];
   const int64_t origin_w = pw0 * p.pool_stride[1] - p.pool_padding[1];
+  const auto tap = [&](int64_t dy, int64_t dx) {
+    return load_every(
+        plane + (origin_h + dy) * row_pitch + origin_w + dx, p.pool_stride[1],
+        count);
+  };
+  const auto tap_code = [&](int64_t dy, int64_t dx) {
+    return Vec(static_cast<scalar_t>(
+        geo::encode_argmax(dy, dx, p.pool_kernel[1])));
+  };
   Vec best(-std::numeric_limits<scalar_t>::infinity());
-  Vec code(0);
   for (int64_t dy = 0; dy < p.pool_kernel[0]; ++dy) {
-    const scalar_t* row = plane + (origin_h + dy) * row_pitch + origin_w;
     for (int64_t dx = 0; dx < p.pool_kernel[1]; ++dx) {
-      const Vec value = load_every(row + dx, p.pool_stride[1], count);
-      const Vec take = (value > best) | value.isnan();
-      best = Vec::blendv(best, value, take);
-      code = Vec::blendv(
-          code,
-          Vec(static_cast<scalar_t>(
-              geo::encode_argmax(dy, dx, p.pool_kernel[1]))),
-          take);
+      best = at::vec::maximum(best, tap(dy, dx));
     }
   }
   const Vec zero(0);
   const Vec blocked = best <= zero;
   const int64_t cell = ph * s.pooled_w + pw0;
   Vec::blendv(best, zero, blocked).store(output + cell, count);
-  if (codes != nullptr) {
-    scalar_t lanes[Vec::size()];
-    Vec::blendv(code, Vec(geo::kNoGradient), blocked).store(lanes);
-    for (int64_t lane = 0; lane < count; ++lane) {
-      codes[cell + lane] = static_cast<code_t>(lanes[lane]);
+  if (codes == nullptr) {
+    return;
+  }
+  Vec code(geo::kNoGradient);
+  if ((best == best).zero_mask() == 0) {
+    for (int64_t dy = p.pool_kernel[0] - 1; dy >= 0; --dy) {
+      for (int64_t dx = p.pool_kernel[1] - 1; dx >= 0; --dx) {
+        code = Vec::blendv(code, tap_code(dy, dx), tap(dy, dx) == best);
+      }
     }
+  } else {
+    Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
+    for (int64_t dy = 0; dy < p.pool_kernel[0]; ++dy) {
+      for (int64_t dx = 0; dx < p.pool_kernel[1]; ++dx) {
+        const Vec value = tap(dy, dx);
+        const Vec take = (value > scan_best) | value.isnan();
+        scan_best = Vec::blendv(scan_best, value, take);
+        code = Vec::blendv(code, tap_code(dy, dx), take);
+      }
+    }
+  }
+  scalar_t lanes[Vec::size()];
+  Vec::blendv(code, zero, blocked).store(lanes);
+  for (int64_t lane = 0; lane < count; ++lane) {
+    codes[cell + lane] = static_cast<code_t>(lanes[lane]);
   }
 }
 
