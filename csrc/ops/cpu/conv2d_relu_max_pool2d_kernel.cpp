@@ -143,11 +143,10 @@ conv2d_relu_max_pool2d_backward_cpu(
     return {t.grad_input, t.grad_weight, t.grad_bias};
   }
   bool input_non_finite = false;
+  bool weight_non_finite = false;
   conv_pool_backward_stub.get("conv2d_relu_max_pool2d_backward")(
       {t.grad_output, t.codes, t.input, t.weight, t.grad_input, t.grad_weight,
-       t.grad_bias, t.shape, t.params, &input_non_finite});
-  const bool weight_non_finite =
-      t.grad_input.defined() && !at::isfinite(t.weight).all().item<bool>();
+       t.grad_bias, t.shape, t.params, &input_non_finite, &weight_non_finite});
   if (input_non_finite || weight_non_finite) {
     propagate_non_finite_like_native(
         t.input, t.weight, t.codes,

@@ -28,9 +28,11 @@ struct ConvPoolBackwardArgs {
   const at::Tensor& grad_bias;    // written, or undefined if not needed
   const ops::ConvPoolShape& shape;
   const ops::ConvPoolParams& params;
-  // Set when grad_weight is computed and `input` holds an inf or NaN, which
-  // the kernel sees for free while it reads the input.
+  // Set when grad_weight is computed and `input` holds an inf or NaN, and
+  // when grad_input is computed and `weight` does: the kernel sees that for
+  // free while it stages them.
   bool* input_non_finite;
+  bool* weight_non_finite;
 };
 
 using ConvPoolForwardFn = void (*)(const ConvPoolForwardArgs&);

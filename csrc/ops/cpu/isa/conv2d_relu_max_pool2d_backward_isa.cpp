@@ -82,7 +82,30 @@ struct BackwardPlan {
   }
 };
 
-// (OC, C, KH, KW) -> (OC, KH, row_pitch) with (KW, C) rows, zero-padded.
+// Whether any of values[0, count) is inf or NaN: x - x is NaN exactly then.
+template <typename scalar_t>
+bool has_non_finite(const scalar_t* values, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec sum(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) {
+    const Vec v = Vec::loadu(values + i);
+    sum += v - v;
+  }
+  scalar_t rest = 0;
+  for (; i < count; ++i) {
+    rest += values[i] - values[i];
+  }
+  scalar_t lanes[Vec::size()];
+  sum.store(lanes);
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+    rest += lanes[lane];
+  }
+  return std::isnan(rest);
+}
+
+// (OC, C, KH, KW) -> (OC, KH, row_pitch) with (KW, C) rows, zero-padded;
+// reports whether the weight holds an inf or NaN.
 template <typename scalar_t>
 std::vector<scalar_t> weight_rows(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
@@ -98,6 +121,7 @@ std::vector<scalar_t> weight_rows(
       }
     }
   }
+  *a.weight_non_finite = has_non_finite(rows.data(), rows.size());
   return rows;
 }
 
@@ -141,28 +165,6 @@ void from_channels_last(
       }
     }
   }
-}
-
-// Whether any of values[0, count) is inf or NaN: x - x is NaN exactly then.
-template <typename scalar_t>
-bool has_non_finite(const scalar_t* values, int64_t count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  Vec sum(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= count; i += Vec::size()) {
-    const Vec v = Vec::loadu(values + i);
-    sum += v - v;
-  }
-  scalar_t rest = 0;
-  for (; i < count; ++i) {
-    rest += values[i] - values[i];
-  }
-  scalar_t lanes[Vec::size()];
-  sum.store(lanes);
-  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
-    rest += lanes[lane];
-  }
-  return std::isnan(rest);
 }
 
 // Adds one image's weight gradient, (out_group, KH, row_pitch) with (KW, C)

@@ -347,22 +347,28 @@ void stage_shifted_columns(
     const int64_t ow_end = std::max(
         ow_begin,
         std::min(s.conv_w, geo::ceil_div_nonneg(s.in_w - first, p.stride[1])));
+    const int64_t width = ow_end - ow_begin;
     for (int64_t c = 0; c < channels; ++c) {
       scalar_t* dst = staged + kw * layout.column_size +
-          c * layout.channel_size + p.padding[0] * s.conv_w;
-      const scalar_t* src = input + c * s.in_h * s.in_w + first;
-      for (int64_t ih = 0; ih < s.in_h;
-           ++ih, dst += s.conv_w, src += s.in_w) {
-        if (p.stride[1] != 1) {
-          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-            dst[ow] = src[ow * p.stride[1]];
+          c * layout.channel_size + p.padding[0] * s.conv_w + ow_begin;
+      const scalar_t* src =
+          input + c * s.in_h * s.in_w + first + ow_begin * p.stride[1];
+      if (p.stride[1] != 1) {
+        for (int64_t ih = 0; ih < s.in_h; ++ih) {
+          for (int64_t j = 0; j < width; ++j) {
+            dst[ih * s.conv_w + j] = src[ih * s.in_w + j * p.stride[1]];
           }
-          continue;
         }
-        // Rows are short (often under two vectors): no memcpy call.
-        for (int64_t ow = ow_begin; ow < ow_end; ow += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), ow_end - ow);
-          Vec::loadu(src + ow, count).store(dst + ow, count);
+      } else if (width <= Vec::size()) {
+        // The common case: a row in one (masked) vector, no memcpy call.
+        for (int64_t ih = 0; ih < s.in_h; ++ih) {
+          Vec::loadu(src + ih * s.in_w, width)
+              .store(dst + ih * s.conv_w, width);
+        }
+      } else {
+        for (int64_t ih = 0; ih < s.in_h; ++ih) {
+          std::copy(src + ih * s.in_w, src + ih * s.in_w + width,
+                    dst + ih * s.conv_w);
         }
       }
     }
