@@ -48,6 +48,7 @@ struct StagedLayout {
   int64_t channel_size;  // padded_h * conv_w
   int64_t column_size;   // channels * channel_size, one kernel column
   int64_t plane_size;    // conv_h * conv_w, one conv plane
+  int64_t plane_stride;  // plane_size and the pooling's -inf sentinel
 
   StagedLayout(
       const ops::ConvPoolShape& s, const ops::ConvPoolParams& p,
@@ -55,7 +56,8 @@ struct StagedLayout {
       : padded_h(s.in_h + 2 * p.padding[0]),
         channel_size(padded_h * s.conv_w),
         column_size(channels * channel_size),
-        plane_size(s.conv_h * s.conv_w) {}
+        plane_size(s.conv_h * s.conv_w),
+        plane_stride(plane_size + 1) {}
 };
 
 // A contiguous run of conv outputs whose inputs are also contiguous.
@@ -143,7 +145,7 @@ void conv_planes(
   auto run = [&](const Segment& segment) {
     auto call = [&](auto block_size) {
       conv_segment<scalar_t, decltype(block_size)::value>(
-          planes, layout.plane_size, source, layout.channel_size, weight,
+          planes, layout.plane_stride, source, layout.channel_size, weight,
           weight_stride, bias, channels, tap_offsets.data(), taps, segment);
     };
     switch (block) {
@@ -170,160 +172,102 @@ void conv_planes(
   }
 }
 
-// Max-pooling follows max_pool2d: the first maximum of a window wins, a NaN
-// wins and the last NaN is kept. ReLU is applied to the maximum:
-// relu(max(x)) == max(relu(x)), and the arg-max of x is the arg-max of
-// relu(x) whenever that maximum is positive or NaN; otherwise no gradient
-// flows through the window (code kNoGradient).
-template <typename scalar_t, typename code_t>
-void pool_cell(
-    const scalar_t* plane, int64_t row_pitch, int64_t ph, int64_t pw,
-    scalar_t* output, code_t* codes, const ops::ConvPoolShape& s,
-    const ops::ConvPoolParams& p) {
-  const geo::Window wh = geo::pool_window(
-      ph, p.pool_kernel[0], p.pool_stride[0], p.pool_padding[0], s.conv_h);
-  const geo::Window ww = geo::pool_window(
-      pw, p.pool_kernel[1], p.pool_stride[1], p.pool_padding[1], s.conv_w);
-  scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-  int64_t best_h = wh.begin;
-  int64_t best_w = ww.begin;
-  for (int64_t h = wh.begin; h < wh.end; ++h) {
-    const scalar_t* row = plane + h * row_pitch;
-    for (int64_t w = ww.begin; w < ww.end; ++w) {
-      const scalar_t value = row[w];
-      const bool take = value > best || std::isnan(value);
-      best = take ? value : best;
-      best_h = take ? h : best_h;
-      best_w = take ? w : best_w;
-    }
-  }
-  const int64_t cell = ph * s.pooled_w + pw;
-  const bool blocked = best <= scalar_t(0);
-  output[cell] = blocked ? scalar_t(0) : best;
-  if (codes != nullptr) {
-    codes[cell] = static_cast<code_t>(
-        blocked ? geo::kNoGradient
-                : geo::encode_argmax(
-                      best_h - wh.origin, best_w - ww.origin,
-                      p.pool_kernel[1]));
-  }
-}
-
-// `count` lanes of plane values `step` apart (step 1 or 2), from `data`.
+// Max-pooling follows max_pool2d: the first maximum of a window (in row-major
+// tap order) wins, a NaN wins and the last NaN is kept. ReLU is applied to
+// the maximum: relu(max(x)) == max(relu(x)), and the arg-max of x is the
+// arg-max of relu(x) whenever that maximum is positive or NaN; otherwise no
+// gradient flows through the window (code kNoGradient).
+//
+// A plane is pooled a vector of pooled outputs at a time, whatever the
+// plane's width, by gathering each window tap through an index table built
+// once per call: no per-row work, and padding, ceil_mode and overlapping
+// windows need no special case. Taps outside the conv plane (and the lanes
+// past the last pooled output) read a -inf sentinel stored after the plane.
 template <typename scalar_t>
-at::vec::Vectorized<scalar_t> load_every(
-    const scalar_t* data, int64_t step, int64_t count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  if (step == 1) {
-    return Vec::loadu(data, count);
-  }
-  const int64_t needed = 2 * count - 1;
-  const Vec low = Vec::loadu(data, std::min<int64_t>(needed, Vec::size()));
-  const Vec high = needed > Vec::size()
-      ? Vec::loadu(data + Vec::size(), needed - Vec::size())
-      : Vec(0);
-  return at::vec::deinterleave2(low, high).first;
-}
+struct PoolTable {
+  using index_t = at::vec::int_same_size_t<scalar_t>;
+  int64_t cells;         // pooled outputs of a plane
+  int64_t padded_cells;  // rounded up to whole vectors
+  int64_t taps;          // window size; tap t has arg-max code t + 1
+  std::vector<index_t> index;  // (taps, padded_cells): conv-plane index
 
-// Pools `count` neighbouring windows of pooled row ph at once, one per lane;
-// every window must lie inside the conv plane and pool_stride[1] be 1 or 2.
-// The maximum comes first (NaN-propagating); only when codes are wanted is
-// the window read again for the first tap equal to it, which is where
-// max_pool2d's scan ("the first maximum wins") stops. A lane holding a NaN
-// takes that scan itself, since there the last NaN wins.
-template <typename scalar_t, typename code_t>
-void pool_cells_vectorized(
-    const scalar_t* plane, int64_t row_pitch, int64_t ph, int64_t pw0,
-    int64_t count, scalar_t* output, code_t* codes,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t origin_h = ph * p.pool_stride[0] - p.pool_padding[0];
-  const int64_t origin_w = pw0 * p.pool_stride[1] - p.pool_padding[1];
-  const auto tap = [&](int64_t dy, int64_t dx) {
-    return load_every(
-        plane + (origin_h + dy) * row_pitch + origin_w + dx, p.pool_stride[1],
-        count);
-  };
-  const auto tap_code = [&](int64_t dy, int64_t dx) {
-    return Vec(static_cast<scalar_t>(
-        geo::encode_argmax(dy, dx, p.pool_kernel[1])));
-  };
-  Vec best(-std::numeric_limits<scalar_t>::infinity());
-  for (int64_t dy = 0; dy < p.pool_kernel[0]; ++dy) {
-    for (int64_t dx = 0; dx < p.pool_kernel[1]; ++dx) {
-      best = at::vec::maximum(best, tap(dy, dx));
-    }
-  }
-  const Vec zero(0);
-  const Vec blocked = best <= zero;
-  const int64_t cell = ph * s.pooled_w + pw0;
-  Vec::blendv(best, zero, blocked).store(output + cell, count);
-  if (codes == nullptr) {
-    return;
-  }
-  Vec code(geo::kNoGradient);
-  if ((best == best).zero_mask() == 0) {
-    for (int64_t dy = p.pool_kernel[0] - 1; dy >= 0; --dy) {
-      for (int64_t dx = p.pool_kernel[1] - 1; dx >= 0; --dx) {
-        code = Vec::blendv(code, tap_code(dy, dx), tap(dy, dx) == best);
-      }
-    }
-  } else {
-    Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
+  PoolTable(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t sentinel = s.conv_h * s.conv_w;
+    TORCH_CHECK(
+        sentinel < std::numeric_limits<index_t>::max(),
+        "ptfast.conv2d_relu_max_pool2d: a conv output plane of ", sentinel,
+        " values is too large for the CPU kernel");
+    cells = s.pooled_h * s.pooled_w;
+    padded_cells = (cells + Vec::size() - 1) / Vec::size() * Vec::size();
+    taps = p.pool_kernel[0] * p.pool_kernel[1];
+    index.assign(taps * padded_cells, static_cast<index_t>(sentinel));
     for (int64_t dy = 0; dy < p.pool_kernel[0]; ++dy) {
       for (int64_t dx = 0; dx < p.pool_kernel[1]; ++dx) {
-        const Vec value = tap(dy, dx);
-        const Vec take = (value > scan_best) | value.isnan();
-        scan_best = Vec::blendv(scan_best, value, take);
-        code = Vec::blendv(code, tap_code(dy, dx), take);
+        index_t* tap = index.data() +
+            (geo::encode_argmax(dy, dx, p.pool_kernel[1]) - 1) * padded_cells;
+        for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+          const int64_t oh = ph * p.pool_stride[0] - p.pool_padding[0] + dy;
+          for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+            const int64_t ow = pw * p.pool_stride[1] - p.pool_padding[1] + dx;
+            if (oh >= 0 && oh < s.conv_h && ow >= 0 && ow < s.conv_w) {
+              tap[ph * s.pooled_w + pw] =
+                  static_cast<index_t>(oh * s.conv_w + ow);
+            }
+          }
+        }
       }
     }
   }
-  scalar_t lanes[Vec::size()];
-  Vec::blendv(code, zero, blocked).store(lanes);
-  for (int64_t lane = 0; lane < count; ++lane) {
-    codes[cell + lane] = static_cast<code_t>(lanes[lane]);
-  }
-}
+};
 
-// First and one-past-last pooled index whose window lies inside the conv
-// output along one axis.
-geo::TapRange interior_windows(
-    int64_t kernel, int64_t stride, int64_t padding, int64_t conv_size,
-    int64_t pooled_size) {
-  const int64_t begin = (padding + stride - 1) / stride;
-  const int64_t last = conv_size - kernel + padding;
-  const int64_t end = last < 0 ? 0 : std::min(pooled_size, last / stride + 1);
-  return {std::min(begin, end), end};
-}
-
+// Pools one conv plane (followed by its -inf sentinel) into `output` and,
+// when `codes` is not null, the arg-max codes.
 template <typename scalar_t, typename code_t>
 void pool_plane(
-    const scalar_t* plane, int64_t row_pitch, scalar_t* output, code_t* codes,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+    const scalar_t* plane, const PoolTable<scalar_t>& table,
+    scalar_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const geo::TapRange rows = interior_windows(
-      p.pool_kernel[0], p.pool_stride[0], p.pool_padding[0], s.conv_h,
-      s.pooled_h);
-  const geo::TapRange cols = p.pool_stride[1] <= 2
-      ? interior_windows(
-            p.pool_kernel[1], p.pool_stride[1], p.pool_padding[1], s.conv_w,
-            s.pooled_w)
-      : geo::TapRange{0, 0};
-  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-    const bool vector_row = ph >= rows.begin && ph < rows.end;
-    const int64_t vec_begin = vector_row ? cols.begin : s.pooled_w;
-    const int64_t vec_end = vector_row ? cols.end : s.pooled_w;
-    for (int64_t pw = 0; pw < vec_begin; ++pw) {
-      pool_cell(plane, row_pitch, ph, pw, output, codes, s, p);
+  using IndexVec = at::vec::Vectorized<typename PoolTable<scalar_t>::index_t>;
+  static_assert(Vec::size() == IndexVec::size());
+  const auto tap = [&](int64_t t, int64_t cell) {
+    return at::vec::gather<sizeof(scalar_t)>(
+        plane, IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
+  };
+  const Vec zero(0);
+  for (int64_t cell = 0; cell < table.cells; cell += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), table.cells - cell);
+    // The maximum first (NaN-propagating); then, only where codes are
+    // wanted, the first tap equal to it, which is where max_pool2d's scan
+    // stops. Lanes holding a NaN take that scan itself.
+    Vec best(-std::numeric_limits<scalar_t>::infinity());
+    for (int64_t t = 0; t < table.taps; ++t) {
+      best = at::vec::maximum(best, tap(t, cell));
     }
-    for (int64_t pw = vec_begin; pw < vec_end; pw += Vec::size()) {
-      pool_cells_vectorized(
-          plane, row_pitch, ph, pw,
-          std::min<int64_t>(Vec::size(), vec_end - pw), output, codes, s, p);
+    const Vec blocked = best <= zero;
+    Vec::blendv(best, zero, blocked).store(output + cell, count);
+    if (codes == nullptr) {
+      continue;
     }
-    for (int64_t pw = vec_end; pw < s.pooled_w; ++pw) {
-      pool_cell(plane, row_pitch, ph, pw, output, codes, s, p);
+    Vec code(geo::kNoGradient);
+    if ((best == best).zero_mask() == 0) {
+      for (int64_t t = table.taps - 1; t >= 0; --t) {
+        code = Vec::blendv(
+            code, Vec(static_cast<scalar_t>(t + 1)), tap(t, cell) == best);
+      }
+    } else {
+      Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
+      for (int64_t t = 0; t < table.taps; ++t) {
+        const Vec value = tap(t, cell);
+        const Vec take = (value > scan_best) | value.isnan();
+        scan_best = Vec::blendv(scan_best, value, take);
+        code = Vec::blendv(code, Vec(static_cast<scalar_t>(t + 1)), take);
+      }
+    }
+    scalar_t lanes[Vec::size()];
+    Vec::blendv(code, zero, blocked).store(lanes);
+    for (int64_t lane = 0; lane < count; ++lane) {
+      codes[cell + lane] = static_cast<code_t>(lanes[lane]);
     }
   }
 }
@@ -408,12 +352,17 @@ void forward_typed(const ConvPoolForwardArgs& a) {
   const int64_t weight_size = in_group * s.kernel_h * s.kernel_w;
   const int64_t pooled_size = s.pooled_h * s.pooled_w;
   const int64_t task_flops = block_size * weight_size * s.conv_h * s.conv_w;
+  const PoolTable<scalar_t> pool_table(s, p);
 
   at::parallel_for(
       0, s.batch * blocks,
       std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, task_flops)),
       [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> planes(block_size * layout.plane_size);
+        std::vector<scalar_t> planes(block_size * layout.plane_stride);
+        for (int64_t j = 0; j < block_size; ++j) {
+          planes[j * layout.plane_stride + layout.plane_size] =
+              -std::numeric_limits<scalar_t>::infinity();
+        }
         std::vector<scalar_t> staged(s.kernel_w * layout.column_size, 0);
         int64_t staged_source = -1;  // (n * groups + group) held in `staged`
         for (int64_t task = begin; task < end; ++task) {
@@ -439,10 +388,9 @@ void forward_typed(const ConvPoolForwardArgs& a) {
           for (int64_t j = 0; j < block; ++j) {
             const int64_t plane_index = n * s.out_channels + first + j;
             pool_plane(
-                planes.data() + j * layout.plane_size, s.conv_w,
+                planes.data() + j * layout.plane_stride, pool_table,
                 output + plane_index * pooled_size,
-                codes != nullptr ? codes + plane_index * pooled_size : nullptr,
-                s, p);
+                codes != nullptr ? codes + plane_index * pooled_size : nullptr);
           }
         }
       });
