@@ -224,19 +224,27 @@ template <typename scalar_t>
 constexpr int kRegisterBudget =
     sizeof(at::vec::Vectorized<scalar_t>) >= 64 ? 24 : 12;
 
+// Kernel rows whose sums fit the registers, for rows of `row_vectors`
+// vectors (beyond 8 rows GCC keeps the accumulators on the stack).
+template <typename scalar_t>
+constexpr int max_register_rows(int64_t row_vectors) {
+  return static_cast<int>(
+      std::min<int64_t>(8, kRegisterBudget<scalar_t> / row_vectors));
+}
+
 // Up to kMaxRows kernel rows of kRowVectors vectors each, summed in
 // registers. Loops run over the constant kMaxRows and skip rows past `rows`,
 // so they unroll fully and every accumulator stays a register.
 template <typename scalar_t, int kRowVectors>
 struct RegisterRows {
   using Vec = at::vec::Vectorized<scalar_t>;
-  static constexpr int kMaxRows = kRegisterBudget<scalar_t> / kRowVectors;
+  static constexpr int kMaxRows = max_register_rows<scalar_t>(kRowVectors);
   Vec acc[kMaxRows][kRowVectors];
 
   C10_ALWAYS_INLINE void zero() {
-#pragma GCC unroll 24
+#pragma GCC unroll 8
     for (int kh = 0; kh < kMaxRows; ++kh) {
-#pragma GCC unroll 24
+#pragma GCC unroll 6
       for (int r = 0; r < kRowVectors; ++r) {
         acc[kh][r] = Vec(0);
       }
@@ -246,10 +254,10 @@ struct RegisterRows {
   // acc[kh] += g * src[kh * row_step, ...) for kh < rows.
   C10_ALWAYS_INLINE void fmadd(
       const Vec& g, const scalar_t* src, int64_t row_step, int64_t rows) {
-#pragma GCC unroll 24
+#pragma GCC unroll 8
     for (int kh = 0; kh < kMaxRows; ++kh) {
       if (kh < rows) {
-#pragma GCC unroll 24
+#pragma GCC unroll 6
         for (int r = 0; r < kRowVectors; ++r) {
           acc[kh][r] = at::vec::fmadd(
               g, Vec::loadu(src + kh * row_step + r * Vec::size()),
@@ -262,10 +270,10 @@ struct RegisterRows {
   // dst[kh * row_step, ...) = acc[kh], full vectors, for kh < rows.
   C10_ALWAYS_INLINE void store(
       scalar_t* dst, int64_t row_step, int64_t rows) const {
-#pragma GCC unroll 24
+#pragma GCC unroll 8
     for (int kh = 0; kh < kMaxRows; ++kh) {
       if (kh < rows) {
-#pragma GCC unroll 24
+#pragma GCC unroll 6
         for (int r = 0; r < kRowVectors; ++r) {
           acc[kh][r].store(dst + kh * row_step + r * Vec::size());
         }
@@ -278,11 +286,11 @@ struct RegisterRows {
   C10_ALWAYS_INLINE void add_to(
       scalar_t* dst, int64_t row_step, int64_t rows, int64_t row_length,
       bool full_width) const {
-#pragma GCC unroll 24
+#pragma GCC unroll 8
     for (int kh = 0; kh < kMaxRows; ++kh) {
       if (kh < rows) {
         scalar_t* row = dst + kh * row_step;
-#pragma GCC unroll 24
+#pragma GCC unroll 6
         for (int r = 0; r < kRowVectors; ++r) {
           scalar_t* at = row + r * Vec::size();
           const int64_t lanes = row_length - r * Vec::size();
@@ -307,7 +315,7 @@ bool disjoint_windows_path_applies(
   return p.pool_stride[0] >= p.pool_kernel[0] &&
       p.pool_stride[1] >= p.pool_kernel[1] && p.dilation[1] == 1 &&
       row_vectors <= 6 &&
-      a.shape.kernel_h * row_vectors <= kRegisterBudget<scalar_t>;
+      a.shape.kernel_h <= max_register_rows<scalar_t>(row_vectors);
 }
 
 // A conv output that receives gradient from output channel `weight_rows`
@@ -317,6 +325,90 @@ struct ChannelGradient {
   const scalar_t* weight_rows;  // (KH, row_pitch)
   scalar_t grad;
 };
+
+// Offsets into a staged (channels-last, padded) image or grad_input.
+struct FieldGeometry {
+  int64_t pooled_h, pooled_w;
+  int64_t kernel_h;
+  int64_t row_step;         // between the kernel rows of a receptive field
+  int64_t conv_row_step;    // between the fields of neighbouring conv rows
+  int64_t conv_col_step;    // and conv columns
+  int64_t window_origin;    // of the field at pooled output (0, 0)'s origin
+  int64_t window_row_step;  // between neighbouring pooled rows' origins
+  int64_t window_col_step;  // and pooled columns'
+};
+
+// The weight gradient of one output channel over one image, (KH, row_pitch)
+// rows written to `rows` (when not null), and the sum of its gradients (the
+// bias gradient). Everything the loop reads is a parameter, so that the
+// compiler keeps it in registers along with the sums.
+template <typename scalar_t, typename code_t, int kRowVectors>
+scalar_t plane_weight_gradient(
+    const FieldGeometry g, const int64_t* code_field, const scalar_t* grads,
+    const code_t* codes, const scalar_t* image, scalar_t* rows,
+    int64_t row_pitch) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  RegisterRows<scalar_t, kRowVectors> sums;
+  sums.zero();
+  scalar_t bias_sum = 0;
+  for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+    const int64_t row_fields = g.window_origin + ph * g.window_row_step;
+    for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+      const int64_t cell = ph * g.pooled_w + pw;
+      const int64_t code = static_cast<int64_t>(codes[cell]);
+      if (code == geo::kNoGradient) {
+        continue;
+      }
+      const scalar_t grad = grads[cell];
+      bias_sum += grad;
+      if (rows != nullptr) {
+        sums.fmadd(
+            Vec(grad),
+            image + row_fields + pw * g.window_col_step + code_field[code],
+            g.row_step, g.kernel_h);
+      }
+    }
+  }
+  if (rows != nullptr) {
+    sums.store(rows, row_pitch, g.kernel_h);
+  }
+  return bias_sum;
+}
+
+// Adds to the staged grad_input, for each conv position, the weight rows of
+// the channels whose arg-max it is times their gradients, summed in
+// registers first. `pairs_end[i]` ends position i's run of `pairs`.
+template <typename scalar_t, int kRowVectors>
+void add_input_gradient(
+    const FieldGeometry g, int64_t conv_w, int64_t positions,
+    const int64_t* pairs_end, const ChannelGradient<scalar_t>* pairs,
+    int64_t row_pitch, int64_t row_length, scalar_t* grad_image) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  int64_t pair = 0;
+  for (int64_t position = 0; position < positions; ++position) {
+    const int64_t end = pairs_end[position];
+    if (pair == end) {
+      continue;
+    }
+    RegisterRows<scalar_t, kRowVectors> sums;
+    sums.zero();
+    bool finite = true;
+    for (; pair < end; ++pair) {
+      sums.fmadd(
+          Vec(pairs[pair].grad), pairs[pair].weight_rows, row_pitch,
+          g.kernel_h);
+      finite &= std::isfinite(pairs[pair].grad);
+    }
+    // The padding lanes of the weight rows are 0, so a finite sum leaves
+    // the values past a row unchanged; grad * 0 is NaN for an infinite
+    // grad, which must not spill over.
+    const int64_t oh = position / conv_w;
+    const int64_t ow = position % conv_w;
+    sums.add_to(
+        grad_image + oh * g.conv_row_step + ow * g.conv_col_step, g.row_step,
+        g.kernel_h, row_length, finite);
+  }
+}
 
 // With disjoint windows each conv output is the arg-max of at most one
 // pooled output per channel. The image and grad_input are staged with the
@@ -332,29 +424,30 @@ template <typename scalar_t, typename code_t, int kRowVectors>
 void backward_disjoint_windows(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-  using Vec = at::vec::Vectorized<scalar_t>;
-  using Rows = RegisterRows<scalar_t, kRowVectors>;
   const auto& s = a.shape;
   const auto& p = a.params;
   const StagedPlane staged{
       plan.in_group, s.in_h, s.in_w, p.padding[0], p.padding[1]};
-  const int64_t pixel_step = plan.in_group;
-  const int64_t row_step = p.dilation[0] * staged.padded_w() * pixel_step;
-  // Staged offset of a conv position's receptive field, and of the fields
-  // of a pooled output's window origin and of each arg-max code within it.
-  const int64_t conv_row_step = p.stride[0] * staged.padded_w() * pixel_step;
-  const int64_t conv_col_step = p.stride[1] * pixel_step;
-  const int64_t window_row_step = p.pool_stride[0] * conv_row_step;
-  const int64_t window_col_step = p.pool_stride[1] * conv_col_step;
-  const int64_t window_origin =
-      -p.pool_padding[0] * conv_row_step - p.pool_padding[1] * conv_col_step;
+  FieldGeometry g{};
+  g.pooled_h = s.pooled_h;
+  g.pooled_w = s.pooled_w;
+  g.kernel_h = s.kernel_h;
+  g.row_step = p.dilation[0] * staged.padded_w() * plan.in_group;
+  g.conv_row_step = p.stride[0] * staged.padded_w() * plan.in_group;
+  g.conv_col_step = p.stride[1] * plan.in_group;
+  g.window_row_step = p.pool_stride[0] * g.conv_row_step;
+  g.window_col_step = p.pool_stride[1] * g.conv_col_step;
+  g.window_origin = -p.pool_padding[0] * g.conv_row_step -
+      p.pool_padding[1] * g.conv_col_step;
+  // Per arg-max code: its field's offset from the window origin's, and its
+  // conv position's.
   const int64_t window = p.pool_kernel[0] * p.pool_kernel[1];
   std::vector<int64_t> code_field(window + 1, 0);
   std::vector<int64_t> code_position(window + 1, 0);
   for (int64_t code = 1; code <= window; ++code) {
     int64_t dy = 0, dx = 0;
     geo::decode_argmax(code, p.pool_kernel[1], dy, dx);
-    code_field[code] = dy * conv_row_step + dx * conv_col_step;
+    code_field[code] = dy * g.conv_row_step + dx * g.conv_col_step;
     code_position[code] = dy * s.conv_w + dx;
   }
   const int64_t positions = s.conv_h * s.conv_w;
@@ -405,39 +498,18 @@ void backward_disjoint_windows(
               }
               if (plan.need_weight || plan.need_bias) {
                 for (int64_t j = 0; j < plan.out_group; ++j) {
-                  const scalar_t* grads = plane_grads + j * plan.pooled;
-                  const code_t* cell_codes = plane_codes + j * plan.pooled;
-                  Rows sums;
-                  sums.zero();
-                  scalar_t bias_sum = 0;
-                  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-                    const int64_t row_fields =
-                        window_origin + ph * window_row_step;
-                    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-                      const int64_t cell = ph * s.pooled_w + pw;
-                      const int64_t code = static_cast<int64_t>(cell_codes[cell]);
-                      if (code == geo::kNoGradient) {
-                        continue;
-                      }
-                      const scalar_t grad = grads[cell];
-                      bias_sum += grad;
-                      if (plan.need_weight) {
-                        sums.fmadd(
-                            Vec(grad),
-                            image_cl.data() + row_fields +
-                                pw * window_col_step + code_field[code],
-                            row_step, s.kernel_h);
-                      }
-                    }
-                  }
-                  const int64_t oc = group * plan.out_group + j;
-                  if (plan.need_weight) {
-                    sums.store(
-                        image_weight_grad.data() + j * plan.padded_weight_size,
-                        plan.row_pitch, s.kernel_h);
-                  }
+                  const scalar_t bias_sum =
+                      plane_weight_gradient<scalar_t, code_t, kRowVectors>(
+                          g, code_field.data(), plane_grads + j * plan.pooled,
+                          plane_codes + j * plan.pooled, image_cl.data(),
+                          plan.need_weight ? image_weight_grad.data() +
+                                  j * plan.padded_weight_size
+                                           : nullptr,
+                          plan.row_pitch);
                   if (plan.need_bias) {
-                    partial[s.out_channels * plan.weight_size + oc] += bias_sum;
+                    partial
+                        [s.out_channels * plan.weight_size +
+                         group * plan.out_group + j] += bias_sum;
                   }
                 }
                 if (plan.need_weight) {
@@ -487,31 +559,10 @@ void backward_disjoint_windows(
               });
               // position_start[i] now holds the end of position i's pairs.
               std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
-              int64_t pair = 0;
-              for (int64_t position = 0; position < positions; ++position) {
-                const int64_t pairs_end = position_start[position];
-                if (pair == pairs_end) {
-                  continue;
-                }
-                Rows sums;
-                sums.zero();
-                bool finite = true;
-                for (; pair < pairs_end; ++pair) {
-                  const auto& item = channel_grads[pair];
-                  sums.fmadd(
-                      Vec(item.grad), item.weight_rows, plan.row_pitch,
-                      s.kernel_h);
-                  finite &= std::isfinite(item.grad);
-                }
-                // The padding lanes of the weight rows are 0, so a finite
-                // sum leaves the values past a row unchanged; grad * 0 is
-                // NaN for an infinite grad, which must not spill over.
-                const int64_t oh = position / s.conv_w;
-                const int64_t ow = position % s.conv_w;
-                sums.add_to(
-                    grad_cl.data() + oh * conv_row_step + ow * conv_col_step,
-                    row_step, s.kernel_h, plan.row_length, finite);
-              }
+              add_input_gradient<scalar_t, kRowVectors>(
+                  g, s.conv_w, positions, position_start.data(),
+                  channel_grads.data(), plan.row_pitch, plan.row_length,
+                  grad_cl.data());
               from_channels_last(
                   a.grad_input.mutable_data_ptr<scalar_t>() + slice,
                   grad_cl.data(), staged);
