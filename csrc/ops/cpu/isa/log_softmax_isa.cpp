@@ -89,33 +89,65 @@ void forward_last_dim(
       });
 }
 
+// Vectors of inner positions reduced together along dim by one forward
+// task: independent chains hide the latency of maximum() and exp().
+constexpr int kInnerVectors = 4;
+
 template <typename scalar_t>
 void forward_inner(const scalar_t* input, scalar_t* output, Layout l) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t chunks = (l.inner + Vec::size() - 1) / Vec::size();
+  constexpr int64_t kWidth = kInnerVectors * Vec::size();
+  const int64_t chunks = (l.inner + kWidth - 1) / kWidth;
   at::parallel_for(
       0, l.outer * chunks,
-      std::max<int64_t>(1, kGrainElements / (l.dim_size * Vec::size())),
+      std::max<int64_t>(1, kGrainElements / (l.dim_size * kWidth)),
       [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t o = task / chunks;
-          const int64_t j = (task % chunks) * Vec::size();
-          const int64_t count = std::min<int64_t>(Vec::size(), l.inner - j);
+          const int64_t j = (task % chunks) * kWidth;
           const scalar_t* x = input + o * l.dim_size * l.inner + j;
           scalar_t* y = output + o * l.dim_size * l.inner + j;
-          Vec max(kLowest);
-          for (int64_t d = 0; d < l.dim_size; ++d) {
-            max = at::vec::maximum(max, Vec::loadu(x + d * l.inner, count));
+          // Lanes of vector v: the first count[v] (possibly 0) are inside.
+          int64_t count[kInnerVectors];
+          for (int v = 0; v < kInnerVectors; ++v) {
+            count[v] = std::clamp<int64_t>(
+                l.inner - j - v * Vec::size(), 0, Vec::size());
           }
-          Vec sum(0);
-          for (int64_t d = 0; d < l.dim_size; ++d) {
-            sum += (Vec::loadu(x + d * l.inner, count) - max).exp();
+          const auto load = [&](int64_t d, int v) {
+            const scalar_t* at = x + d * l.inner + v * Vec::size();
+            if (count[v] == Vec::size()) {
+              return Vec::loadu(at);
+            }
+            return count[v] > 0 ? Vec::loadu(at, count[v]) : Vec(0);
+          };
+          Vec max[kInnerVectors];
+          Vec sum[kInnerVectors];
+          for (int v = 0; v < kInnerVectors; ++v) {
+            max[v] = Vec(kLowest);
+            sum[v] = Vec(0);
           }
-          const Vec log_sum = sum.log();
           for (int64_t d = 0; d < l.dim_size; ++d) {
-            ((Vec::loadu(x + d * l.inner, count) - max) - log_sum)
-                .store(y + d * l.inner, count);
+            for (int v = 0; v < kInnerVectors; ++v) {
+              max[v] = at::vec::maximum(max[v], load(d, v));
+            }
+          }
+          for (int64_t d = 0; d < l.dim_size; ++d) {
+            for (int v = 0; v < kInnerVectors; ++v) {
+              sum[v] += (load(d, v) - max[v]).exp();
+            }
+          }
+          Vec log_sum[kInnerVectors];
+          for (int v = 0; v < kInnerVectors; ++v) {
+            log_sum[v] = sum[v].log();
+          }
+          for (int64_t d = 0; d < l.dim_size; ++d) {
+            for (int v = 0; v < kInnerVectors; ++v) {
+              if (count[v] > 0) {
+                ((load(d, v) - max[v]) - log_sum[v])
+                    .store(y + d * l.inner + v * Vec::size(), count[v]);
+              }
+            }
           }
         }
       });
