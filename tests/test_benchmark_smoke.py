@@ -46,13 +46,19 @@ def test_cli_smoke_writes_the_report(tmp_path: Path):
         assert set(case["times_s"]) | set(case["errors"]) == set(IMPLEMENTATIONS), case
         assert all(time > 0 for time in case["times_s"].values())
         assert case["speedup_vs_eager"] > 0
+    assert document["gemm_gflops"]["cpu"] > 0
+    for case in document["cases"]:
+        if case["family"] == "conv2d_relu_max_pool2d":
+            assert case["flops"] > 0 and case["ptfast_gflops"] > 0, case
+        else:
+            assert case["flops"] is None and case["ptfast_gflops"] is None, case
     assert document["memory"], "no saved-for-backward measurement"
     for memory in document["memory"]:
         # The fused op saves uint8 codes where eager keeps the ReLU output and int64 indices.
         assert memory["saved"]["ptfast"]["beyond_arguments"] < memory["saved"]["eager"]["beyond_arguments"]
 
     markdown = (out / "results.md").read_text()
-    assert "| case |" in markdown and "## CPU" in markdown
+    assert "| case |" in markdown and "## CPU" in markdown and "GFLOP/s (% of GEMM)" in markdown
     if HAS_MATPLOTLIB:
         plots = list(out.glob("*.png"))
         assert plots and all(plot.stat().st_size > 0 for plot in plots)
@@ -83,3 +89,18 @@ def test_selections_share_their_cases():
 )
 def test_only_pattern(pattern: str, expected: bool):
     assert bool(select_cases("quick", pattern=pattern)) == expected
+
+
+def test_block_flops_count_the_convolutions():
+    """2 FLOPs per multiply-add: MNIST block 1 at batch 1 is 10 channels x 24x24 outputs x 25 taps."""
+    from ptfast.benchmark.cases import block_shapes
+
+    block1, block2 = (next(s for s in block_shapes("quick") if s.label == label and s.batch == 1)
+                      for label in ("mnist1", "mnist2"))
+    assert block1.conv_flops() == 2 * 10 * 24 * 24 * 25
+    assert block1.forward_backward_flops() == 2 * block1.conv_flops()  # no input gradient
+    assert block2.conv_flops() == 2 * 20 * 8 * 8 * 10 * 25
+    assert block2.forward_backward_flops() == 3 * block2.conv_flops()
+    inference = select_cases("quick", pattern="inference/mnist1 1->10 k5 28x28 N1")
+    assert [case.flops for case in inference] == [block1.conv_flops()]
+

@@ -70,6 +70,8 @@ class Case:
     shape: str
     build: Build = field(repr=False, compare=False)
     compile_backend: str = "inductor"
+    flops: int | None = None
+    """Floating-point operations one call stands for (2 per multiply-add), where counted."""
 
     @property
     def name(self) -> str:
@@ -129,6 +131,18 @@ class BlockShape:
             f"{self.label} {self.in_channels}->{self.out_channels} k{self.kernel} "
             f"{self.size}x{self.size} N{self.batch}"
         )
+
+    def conv_flops(self) -> int:
+        """FLOPs of the block's convolution, 2 per multiply-add (the ReLU and pooling are not counted)."""
+        conv_size = self.size + 2 * self.padding - self.kernel + 1
+        multiply_adds = self.batch * self.out_channels * conv_size**2 * self.in_channels * self.kernel**2
+        return 2 * multiply_adds
+
+    def forward_backward_flops(self) -> int:
+        """The dense-equivalent FLOPs of a forward and backward: the convolution, its weight
+        gradient and, for a block whose input requires grad, its input gradient (each as many
+        as the convolution)."""
+        return self.conv_flops() * (3 if self.input_requires_grad else 2)
 
     def arguments(
         self, device: torch.device, dtype: torch.dtype, requires_grad: bool
@@ -378,17 +392,26 @@ def all_cases(selection: Selection) -> list[Case]:
     """Every case of `selection`: "smoke" (tiny shapes, for tests), "quick" (no batch 1024) or "full"."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    builds: list[tuple[str, str, str, Build]] = []
+    backend = COMPILE_BACKENDS[selection]
+    cases: list[Case] = []
     for shape in block_shapes(selection):
-        builds.append(("conv2d_relu_max_pool2d", "inference", shape.describe(), _block_inference(shape)))
-        builds.append(("conv2d_relu_max_pool2d", "forward+backward", shape.describe(), _block_forward_backward(shape)))
+        cases += [
+            Case("conv2d_relu_max_pool2d", "inference", shape.describe(), _block_inference(shape), backend,
+                 flops=shape.conv_flops()),
+            Case("conv2d_relu_max_pool2d", "forward+backward", shape.describe(), _block_forward_backward(shape),
+                 backend, flops=shape.forward_backward_flops()),
+        ]
     for shape in log_softmax_shapes(selection):
-        builds.append(("log_softmax", "inference", shape.describe(), _log_softmax_inference(shape)))
-        builds.append(("log_softmax", "forward+backward", shape.describe(), _log_softmax_forward_backward(shape)))
+        cases += [
+            Case("log_softmax", "inference", shape.describe(), _log_softmax_inference(shape), backend),
+            Case("log_softmax", "forward+backward", shape.describe(), _log_softmax_forward_backward(shape), backend),
+        ]
     for batch in mnist_batches(selection):
-        builds.append(("mnist_cnn", "train_step", f"N{batch}", _mnist_train_step(batch)))
-        builds.append(("mnist_cnn", "inference", f"N{batch}", _mnist_inference(batch)))
-    return [Case(*fields, compile_backend=COMPILE_BACKENDS[selection]) for fields in builds]
+        cases += [
+            Case("mnist_cnn", "train_step", f"N{batch}", _mnist_train_step(batch), backend),
+            Case("mnist_cnn", "inference", f"N{batch}", _mnist_inference(batch), backend),
+        ]
+    return cases
 
 
 def name_matches(name: str, pattern: str | None) -> bool:

@@ -28,7 +28,7 @@ from ptfast.benchmark.machine import describe_machine
 from ptfast.benchmark.memory import MemoryResult, measure_block_memory
 from ptfast.benchmark.report import text_report, write_report
 from ptfast.benchmark.runner import CaseResult, run_cases
-from ptfast.benchmark.timing import TIMING_SETTINGS
+from ptfast.benchmark.timing import TIMING_SETTINGS, matmul_gflops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: list[CaseResult] = []
     memory: list[MemoryResult] = []
+    gemm_gflops: dict[str, float] = {}
     for device in devices:
+        gemm_gflops[device.type] = round(matmul_gflops(device), 1)
         results += run_cases(cases, device, settings, dtype, progress=_progress)
         for shape in memory_shapes:
             memory.append(measure_block_memory(shape, device, COMPILE_BACKENDS[selection], dtype))
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.perf_counter() - start, 1),
         "machine": machine.to_dict(),
         "machine_summary": machine.describe(),
+        "gemm_gflops": gemm_gflops,
     }
     print(text_report(document, results, memory))
     with_plots = importlib.util.find_spec("matplotlib") is not None

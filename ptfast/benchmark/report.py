@@ -15,6 +15,7 @@ from typing import Any
 from ptfast.benchmark.cases import FAMILIES, IMPLEMENTATIONS
 from ptfast.benchmark.memory import MemoryResult
 from ptfast.benchmark.runner import CaseResult
+from ptfast.benchmark.timing import GEMM_SIZE
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
@@ -45,20 +46,34 @@ def format_bytes(size: int | None) -> str:
     return f"{size} B"
 
 
-def _case_rows(results: list[CaseResult]) -> list[list[str]]:
+def format_gflops(gflops: float | None, gemm_gflops: float | None) -> str:
+    """'131 (41%)': GFLOP/s and its share of the device's GEMM rate; '-' where FLOPs are not counted."""
+    if gflops is None:
+        return "-"
+    share = f" ({100 * gflops / gemm_gflops:.0f}%)" if gemm_gflops else ""
+    return f"{gflops:.3g}{share}"
+
+
+def _case_rows(results: list[CaseResult], gemm_gflops: float | None) -> list[list[str]]:
     rows = []
     for result in results:
         if result.skipped:
-            rows.append([result.case] + ["-"] * 5 + [f"skipped: {result.skipped}"])
+            rows.append([result.case] + ["-"] * 6 + [f"skipped: {result.skipped}"])
             continue
         times = [format_time(result.times_s.get(name)) for name in IMPLEMENTATIONS]
         speedups = [format_speedup(result.speedup(baseline)) for baseline in BASELINES]
         notes = "; ".join(f"{name} failed: {error}" for name, error in result.errors.items())
-        rows.append([result.case, *times, *speedups, notes])
+        rows.append([result.case, *times, *speedups, format_gflops(result.gflops(), gemm_gflops), notes])
     return rows
 
 
-CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "notes"]
+CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "ptfast GFLOP/s (% of GEMM)", "notes"]
+GFLOPS_NOTE = (
+    "GFLOP/s count 2 FLOPs per multiply-add of the block's convolution (forward+backward: also its weight "
+    "gradient and, when the input requires grad, its input gradient, as dense convolutions), not the ReLU or "
+    "pooling; the share is of a {size}x{size}x{size} float32 matmul on the same device in the same run "
+    "({gemm} GFLOP/s)."
+)
 
 
 def _memory_rows(results: list[MemoryResult]) -> tuple[list[str], list[list[str]]]:
@@ -117,7 +132,12 @@ def text_report(document: dict[str, Any], results: list[CaseResult], memory: lis
     for device in _devices(results, memory):
         device_results = [r for r in results if r.device == device]
         if device_results:
-            parts += ["", f"== {device} ==", _text_table(CASE_HEADER, _case_rows(device_results))]
+            gemm = document.get("gemm_gflops", {}).get(device)
+            parts += [
+                "",
+                f"== {device} (float32 GEMM: {gemm} GFLOP/s) ==",
+                _text_table(CASE_HEADER, _case_rows(device_results, gemm)),
+            ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:
             header, rows = _memory_rows(device_memory)
@@ -150,7 +170,15 @@ def markdown_report(
     for device in _devices(results, memory):
         device_results = [r for r in results if r.device == device]
         if device_results:
-            lines += ["", f"## {device.upper()}", "", _markdown_table(CASE_HEADER, _case_rows(device_results))]
+            gemm = document.get("gemm_gflops", {}).get(device)
+            lines += [
+                "",
+                f"## {device.upper()}",
+                "",
+                _markdown_table(CASE_HEADER, _case_rows(device_results, gemm)),
+                "",
+                GFLOPS_NOTE.format(size=GEMM_SIZE, gemm=gemm),
+            ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:
             header, rows = _memory_rows(device_memory)

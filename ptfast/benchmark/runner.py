@@ -21,6 +21,7 @@ class CaseResult:
     warmup_s: seconds of the warm-up calls; for "compile", about its compile time.
     errors: implementations that failed (e.g. torch.compile), with the error.
     skipped: why the whole case did not run (e.g. ptfast.models missing), else None.
+    flops: the case's FLOPs per call where counted (see Case.flops), else None.
     """
 
     case: str
@@ -34,6 +35,13 @@ class CaseResult:
     warmup_s: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
+    flops: int | None = None
+
+    def gflops(self, implementation: str = "ptfast") -> float | None:
+        """GFLOP/s of `implementation`; None where FLOPs are not counted or it did not run."""
+        if self.flops is None or implementation not in self.times_s:
+            return None
+        return self.flops / self.times_s[implementation] / 1e9
 
     def speedup(self, baseline: str) -> float | None:
         """time(baseline) / time(ptfast): above 1 when ptfast is faster; None if either did not run."""
@@ -46,12 +54,13 @@ class CaseResult:
             **asdict(self),
             "speedup_vs_eager": self.speedup("eager"),
             "speedup_vs_compile": self.speedup("compile"),
+            "ptfast_gflops": self.gflops(),
         }
 
 
 def run_case(case: Case, device: torch.device, settings: TimingSettings, dtype: torch.dtype) -> CaseResult:
     """Set up and time one case; a case that cannot run is recorded as skipped, not raised."""
-    result = CaseResult(case.name, case.family, case.op, case.shape, device.type)
+    result = CaseResult(case.name, case.family, case.op, case.shape, device.type, flops=case.flops)
     try:
         steps = case.setup(device, dtype)
     except CaseUnavailable as reason:

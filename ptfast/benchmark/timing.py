@@ -142,3 +142,18 @@ def time_interleaved(
         for name, values in samples.items()
     }
     return timings, errors
+
+
+GEMM_SIZE = 1024
+
+
+def matmul_gflops(device: torch.device, size: int = GEMM_SIZE, repeats: int = 7) -> float:
+    """The machine's float32 GEMM rate on `device` (size x size x size, at the run's thread count),
+    median of `repeats`: the reference the report sets the blocks' GFLOP/s against."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds_per_call(lambda: a @ b, 3, device)
+    calls = max(1, int(0.02 / max(seconds_per_call(lambda: a @ b, 1, device), 1e-9)))
+    median_s = statistics.median(seconds_per_call(lambda: a @ b, calls, device) for _ in range(repeats))
+    return 2 * size**3 / median_s / 1e9
+
