@@ -133,18 +133,50 @@ struct StagedPlane {
   int64_t size() const { return (height + 2 * pad_h) * padded_w() * channels; }
 };
 
+// The staged offset of pixel (h, w) of the input.
+inline int64_t staged_pixel(const StagedPlane& staged, int64_t h, int64_t w) {
+  return ((h + staged.pad_h) * staged.padded_w() + w + staged.pad_w) *
+      staged.channels;
+}
+
+// A pixel's channels (or one channel's pixels) are strided: gathered by
+// vectors where they fit one, since a scalar loop is a load and a store per
+// value.
 template <typename scalar_t>
 void to_channels_last(
     scalar_t* dst, const scalar_t* src, const StagedPlane& staged) {
-  for (int64_t c = 0; c < staged.channels; ++c) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using IndexVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
+  const int64_t channels = staged.channels;
+  const int64_t plane = staged.height * staged.width;
+  if (channels == 1) {
     for (int64_t h = 0; h < staged.height; ++h) {
-      scalar_t* row = dst +
-          ((h + staged.pad_h) * staged.padded_w() + staged.pad_w) *
-              staged.channels +
-          c;
-      const scalar_t* in = src + (c * staged.height + h) * staged.width;
+      std::copy(
+          src + h * staged.width, src + (h + 1) * staged.width,
+          dst + staged_pixel(staged, h, 0));
+    }
+    return;
+  }
+  if (channels <= Vec::size()) {
+    typename IndexVec::value_type lanes[IndexVec::size()] = {};
+    for (int64_t c = 0; c < channels; ++c) {
+      lanes[c] = static_cast<typename IndexVec::value_type>(c * plane);
+    }
+    const IndexVec index = IndexVec::loadu(lanes);
+    for (int64_t h = 0; h < staged.height; ++h) {
       for (int64_t w = 0; w < staged.width; ++w) {
-        row[w * staged.channels] = in[w];
+        at::vec::gather<sizeof(scalar_t)>(src + h * staged.width + w, index)
+            .store(dst + staged_pixel(staged, h, w), channels);
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t h = 0; h < staged.height; ++h) {
+      scalar_t* row = dst + staged_pixel(staged, h, 0) + c;
+      const scalar_t* in = src + c * plane + h * staged.width;
+      for (int64_t w = 0; w < staged.width; ++w) {
+        row[w * channels] = in[w];
       }
     }
   }
@@ -153,15 +185,41 @@ void to_channels_last(
 template <typename scalar_t>
 void from_channels_last(
     scalar_t* dst, const scalar_t* src, const StagedPlane& staged) {
-  for (int64_t c = 0; c < staged.channels; ++c) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using IndexVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
+  const int64_t channels = staged.channels;
+  const int64_t plane = staged.height * staged.width;
+  if (channels == 1) {
     for (int64_t h = 0; h < staged.height; ++h) {
-      const scalar_t* row = src +
-          ((h + staged.pad_h) * staged.padded_w() + staged.pad_w) *
-              staged.channels +
-          c;
-      scalar_t* out = dst + (c * staged.height + h) * staged.width;
-      for (int64_t w = 0; w < staged.width; ++w) {
-        out[w] = row[w * staged.channels];
+      const scalar_t* row = src + staged_pixel(staged, h, 0);
+      std::copy(row, row + staged.width, dst + h * staged.width);
+    }
+    return;
+  }
+  // Lane l reads pixel w + l of the row (lanes past the row re-read the
+  // row's first pixel and are not stored).
+  const auto pixel_index = [&](int64_t count) {
+    typename IndexVec::value_type lanes[IndexVec::size()] = {};
+    for (int64_t lane = 0; lane < count; ++lane) {
+      lanes[lane] =
+          static_cast<typename IndexVec::value_type>(lane * channels);
+    }
+    return IndexVec::loadu(lanes);
+  };
+  const IndexVec full_index = pixel_index(Vec::size());
+  const IndexVec tail_index = pixel_index(staged.width % Vec::size());
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t h = 0; h < staged.height; ++h) {
+      const scalar_t* row = src + staged_pixel(staged, h, 0) + c;
+      scalar_t* out = dst + c * plane + h * staged.width;
+      int64_t w = 0;
+      for (; w + Vec::size() <= staged.width; w += Vec::size()) {
+        at::vec::gather<sizeof(scalar_t)>(row + w * channels, full_index)
+            .store(out + w);
+      }
+      if (w < staged.width) {
+        at::vec::gather<sizeof(scalar_t)>(row + w * channels, tail_index)
+            .store(out + w, staged.width - w);
       }
     }
   }
@@ -267,6 +325,20 @@ struct RegisterRows {
     }
   }
 
+  // acc[kh] = src[kh * row_step, ...), full vectors, for kh < rows.
+  C10_ALWAYS_INLINE void load(
+      const scalar_t* src, int64_t row_step, int64_t rows) {
+#pragma GCC unroll 8
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+      if (kh < rows) {
+#pragma GCC unroll 6
+        for (int r = 0; r < kRowVectors; ++r) {
+          acc[kh][r] = Vec::loadu(src + kh * row_step + r * Vec::size());
+        }
+      }
+    }
+  }
+
   // dst[kh * row_step, ...) = acc[kh], full vectors, for kh < rows.
   C10_ALWAYS_INLINE void store(
       scalar_t* dst, int64_t row_step, int64_t rows) const {
@@ -338,10 +410,10 @@ struct FieldGeometry {
   int64_t window_col_step;  // and pooled columns'
 };
 
-// The weight gradient of one output channel over one image, (KH, row_pitch)
-// rows written to `rows` (when not null), and the sum of its gradients (the
-// bias gradient). Everything the loop reads is a parameter, so that the
-// compiler keeps it in registers along with the sums.
+// Adds the weight gradient of one output channel over one image to its
+// (KH, row_pitch) rows `rows` (when not null), and returns the sum of its
+// gradients (the bias gradient). Everything the loop reads is a parameter,
+// so that the compiler keeps it in registers along with the sums.
 template <typename scalar_t, typename code_t, int kRowVectors>
 scalar_t plane_weight_gradient(
     const FieldGeometry g, const int64_t* code_field, const scalar_t* grads,
@@ -349,7 +421,9 @@ scalar_t plane_weight_gradient(
     int64_t row_pitch) {
   using Vec = at::vec::Vectorized<scalar_t>;
   RegisterRows<scalar_t, kRowVectors> sums;
-  sums.zero();
+  if (rows != nullptr) {
+    sums.load(rows, row_pitch, g.kernel_h);
+  }
   scalar_t bias_sum = 0;
   for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
     const int64_t row_fields = g.window_origin + ph * g.window_row_step;
@@ -472,14 +546,17 @@ void backward_disjoint_windows(
             plan.need_weight ? staged.size() + plan.row_pitch : 0, 0);
         std::vector<scalar_t> grad_cl(
             plan.need_input ? staged.size() + plan.row_pitch : 0);
-        std::vector<scalar_t> image_weight_grad(
-            plan.need_weight ? plan.out_group * plan.padded_weight_size : 0);
+        // The chunk's weight gradient, (OC, KH, row_pitch), summed in
+        // scalar_t over its few images and added to the partials once.
+        std::vector<scalar_t> chunk_weight_grad(
+            plan.need_weight ? s.out_channels * plan.padded_weight_size : 0);
         // grad_input's work list, grouped by conv position.
         std::vector<int64_t> position_start(plan.need_input ? positions + 1 : 0);
         std::vector<ChannelGradient<scalar_t>> channel_grads(
             plan.need_input ? plan.out_group * plan.pooled : 0);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           acc_t* partial = partials.data() + chunk * plan.partial_size;
+          std::fill(chunk_weight_grad.begin(), chunk_weight_grad.end(), 0);
           const int64_t n_end =
               std::min(s.batch, (chunk + 1) * plan.chunk_images);
           for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
@@ -498,25 +575,19 @@ void backward_disjoint_windows(
               }
               if (plan.need_weight || plan.need_bias) {
                 for (int64_t j = 0; j < plan.out_group; ++j) {
+                  const int64_t oc = group * plan.out_group + j;
                   const scalar_t bias_sum =
                       plane_weight_gradient<scalar_t, code_t, kRowVectors>(
                           g, code_field.data(), plane_grads + j * plan.pooled,
                           plane_codes + j * plan.pooled, image_cl.data(),
-                          plan.need_weight ? image_weight_grad.data() +
-                                  j * plan.padded_weight_size
+                          plan.need_weight ? chunk_weight_grad.data() +
+                                  oc * plan.padded_weight_size
                                            : nullptr,
                           plan.row_pitch);
                   if (plan.need_bias) {
-                    partial
-                        [s.out_channels * plan.weight_size +
-                         group * plan.out_group + j] += bias_sum;
+                    partial[s.out_channels * plan.weight_size + oc] +=
+                        bias_sum;
                   }
-                }
-                if (plan.need_weight) {
-                  add_weight_rows(
-                      partial + group * plan.out_group * plan.weight_size,
-                      image_weight_grad.data(), plan.out_group * s.kernel_h,
-                      plan);
                 }
               }
               if (!plan.need_input) {
@@ -567,6 +638,11 @@ void backward_disjoint_windows(
                   a.grad_input.mutable_data_ptr<scalar_t>() + slice,
                   grad_cl.data(), staged);
             }
+          }
+          if (plan.need_weight) {
+            add_weight_rows(
+                partial, chunk_weight_grad.data(), s.out_channels * s.kernel_h,
+                plan);
           }
         }
       });
