@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/zeros.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
@@ -105,13 +106,17 @@ bool has_non_finite(const scalar_t* values, int64_t count) {
 }
 
 // (OC, C, KH, KW) -> (OC, KH, row_pitch) with (KW, C) rows, zero-padded;
-// reports whether the weight holds an inf or NaN.
+// reports whether the weight holds an inf or NaN. A tensor, for the CPU
+// allocator's 64-byte alignment: rows of whole vectors then never straddle
+// a cache line, which halves the cost of their loads.
 template <typename scalar_t>
-std::vector<scalar_t> weight_rows(
+at::Tensor weight_rows(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
   const auto& s = a.shape;
   const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
-  std::vector<scalar_t> rows(s.out_channels * plan.padded_weight_size, 0);
+  at::Tensor rows_tensor =
+      at::zeros({s.out_channels * plan.padded_weight_size}, a.weight.options());
+  scalar_t* rows = rows_tensor.mutable_data_ptr<scalar_t>();
   for (int64_t oc = 0; oc < s.out_channels; ++oc) {
     for (int64_t c = 0; c < plan.in_group; ++c) {
       for (int64_t k = 0; k < plan.kernel_size; ++k) {
@@ -121,8 +126,8 @@ std::vector<scalar_t> weight_rows(
       }
     }
   }
-  *a.weight_non_finite = has_non_finite(rows.data(), rows.size());
-  return rows;
+  *a.weight_non_finite = has_non_finite(rows, rows_tensor.numel());
+  return rows_tensor;
 }
 
 // (C, H, W) -> (H + 2 * pad_h, W + 2 * pad_w, C), writing only the interior
@@ -339,6 +344,24 @@ struct RegisterRows {
     }
   }
 
+  // acc[kh] += g * src[kh * kRowVectors * Vec::size(), ...) for kh < rows:
+  // rows packed back to back (the staged weight), so that every load's offset
+  // is a constant.
+  C10_ALWAYS_INLINE void fmadd_packed(
+      const Vec& g, const scalar_t* src, int64_t rows) {
+#pragma GCC unroll 8
+    for (int kh = 0; kh < kMaxRows; ++kh) {
+      if (kh < rows) {
+#pragma GCC unroll 6
+        for (int r = 0; r < kRowVectors; ++r) {
+          acc[kh][r] = at::vec::fmadd(
+              g, Vec::loadu(src + (kh * kRowVectors + r) * Vec::size()),
+              acc[kh][r]);
+        }
+      }
+    }
+  }
+
   // dst[kh * row_step, ...) = acc[kh], full vectors, for kh < rows.
   C10_ALWAYS_INLINE void store(
       scalar_t* dst, int64_t row_step, int64_t rows) const {
@@ -456,7 +479,7 @@ template <typename scalar_t, int kRowVectors>
 void add_input_gradient(
     const FieldGeometry g, int64_t conv_w, int64_t positions,
     const int64_t* pairs_end, const ChannelGradient<scalar_t>* pairs,
-    int64_t row_pitch, int64_t row_length, scalar_t* grad_image) {
+    int64_t row_length, scalar_t* grad_image) {
   using Vec = at::vec::Vectorized<scalar_t>;
   int64_t pair = 0;
   for (int64_t position = 0; position < positions; ++position) {
@@ -468,9 +491,8 @@ void add_input_gradient(
     sums.zero();
     bool finite = true;
     for (; pair < end; ++pair) {
-      sums.fmadd(
-          Vec(pairs[pair].grad), pairs[pair].weight_rows, row_pitch,
-          g.kernel_h);
+      sums.fmadd_packed(
+          Vec(pairs[pair].grad), pairs[pair].weight_rows, g.kernel_h);
       finite &= std::isfinite(pairs[pair].grad);
     }
     // The padding lanes of the weight rows are 0, so a finite sum leaves
@@ -529,8 +551,10 @@ void backward_disjoint_windows(
   const scalar_t* grad_output = a.grad_output.const_data_ptr<scalar_t>();
   const code_t* codes = a.codes.const_data_ptr<code_t>();
   const scalar_t* input = a.input.const_data_ptr<scalar_t>();
-  const std::vector<scalar_t> weight =
-      plan.need_input ? weight_rows(a, plan) : std::vector<scalar_t>();
+  const at::Tensor weight_tensor =
+      plan.need_input ? weight_rows(a, plan) : at::Tensor();
+  const scalar_t* weight =
+      plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
   std::vector<acc_t> partials(plan.chunks * plan.partial_size, acc_t(0));
   std::vector<uint8_t> non_finite(plan.chunks, 0);
 
@@ -625,15 +649,14 @@ void backward_disjoint_windows(
               for_each_pair([&](int64_t j, int64_t cell, int64_t position) {
                 const int64_t oc = group * plan.out_group + j;
                 channel_grads[position_start[position]++] = {
-                    weight.data() + oc * plan.padded_weight_size,
+                    weight + oc * plan.padded_weight_size,
                     plane_grads[j * plan.pooled + cell]};
               });
               // position_start[i] now holds the end of position i's pairs.
               std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
               add_input_gradient<scalar_t, kRowVectors>(
                   g, s.conv_w, positions, position_start.data(),
-                  channel_grads.data(), plan.row_pitch, plan.row_length,
-                  grad_cl.data());
+                  channel_grads.data(), plan.row_length, grad_cl.data());
               from_channels_last(
                   a.grad_input.mutable_data_ptr<scalar_t>() + slice,
                   grad_cl.data(), staged);
@@ -733,8 +756,10 @@ void backward_general(
   const scalar_t* grad_output = a.grad_output.const_data_ptr<scalar_t>();
   const code_t* codes = a.codes.const_data_ptr<code_t>();
   const scalar_t* input = a.input.const_data_ptr<scalar_t>();
-  const std::vector<scalar_t> weight =
-      plan.need_input ? weight_rows(a, plan) : std::vector<scalar_t>();
+  const at::Tensor weight_tensor =
+      plan.need_input ? weight_rows(a, plan) : at::Tensor();
+  const scalar_t* weight =
+      plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
@@ -780,7 +805,7 @@ void backward_general(
                 const int64_t offset = (n * s.out_channels + oc) * plan.pooled;
                 const scalar_t* w =
                     plan.need_input
-                    ? weight.data() + oc * plan.padded_weight_size
+                    ? weight + oc * plan.padded_weight_size
                     : nullptr;
                 scalar_t* gw = plan.need_weight
                     ? image_weight_grad.data() + j * plan.padded_weight_size
