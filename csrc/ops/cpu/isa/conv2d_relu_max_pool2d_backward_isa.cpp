@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 namespace ptfast::cpu {
@@ -243,39 +244,72 @@ void add_weight_rows(
   }
 }
 
+// Per chunk of images: its weight gradient (OC, KH, KW, C) then its bias
+// gradient (OC), in the accumulation type. Each chunk's slice is zeroed by
+// the thread that fills it, in parallel and where it is used.
+template <typename acc_t>
+class ChunkPartials {
+ public:
+  ChunkPartials(int64_t chunks, int64_t size)
+      : size_(size), values_(new acc_t[chunks * size]) {}
+
+  acc_t* start(int64_t chunk) {
+    acc_t* partial = values_.get() + chunk * size_;
+    std::fill(partial, partial + size_, acc_t(0));
+    return partial;
+  }
+  const acc_t* operator[](int64_t chunk) const {
+    return values_.get() + chunk * size_;
+  }
+
+ private:
+  int64_t size_;
+  std::unique_ptr<acc_t[]> values_;
+};
+
 // Sums the chunks' partials in order into grad_weight (OC, KH, KW, C ->
-// OC, C, KH, KW) and grad_bias.
+// OC, C, KH, KW) and grad_bias, output channels in parallel.
 template <typename scalar_t, typename acc_t>
 void write_weight_and_bias_gradients(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan,
-    const std::vector<acc_t>& partials) {
+    const ChunkPartials<acc_t>& partials) {
   const auto& s = a.shape;
-  std::vector<acc_t> total(plan.partial_size, acc_t(0));
-  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-    const acc_t* partial = partials.data() + chunk * plan.partial_size;
-    for (int64_t k = 0; k < plan.partial_size; ++k) {
-      total[k] += partial[k];
-    }
-  }
-  if (plan.need_weight) {
-    scalar_t* grad_weight = a.grad_weight.mutable_data_ptr<scalar_t>();
-    for (int64_t oc = 0; oc < s.out_channels; ++oc) {
-      for (int64_t c = 0; c < plan.in_group; ++c) {
-        for (int64_t k = 0; k < plan.kernel_size; ++k) {
-          grad_weight[(oc * plan.in_group + c) * plan.kernel_size + k] =
-              static_cast<scalar_t>(
-                  total[oc * plan.weight_size + k * plan.in_group + c]);
+  const int64_t bias_offset = s.out_channels * plan.weight_size;
+  scalar_t* grad_weight =
+      plan.need_weight ? a.grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* grad_bias =
+      plan.need_bias ? a.grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(
+      0, s.out_channels,
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(
+                                             1, plan.chunks * plan.weight_size)),
+      [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> total(plan.weight_size);
+        for (int64_t oc = begin; oc < end; ++oc) {
+          std::fill(total.begin(), total.end(), acc_t(0));
+          acc_t bias = 0;
+          for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+            const acc_t* partial = partials[chunk];
+            if (grad_weight != nullptr) {
+              for (int64_t k = 0; k < plan.weight_size; ++k) {
+                total[k] += partial[oc * plan.weight_size + k];
+              }
+            }
+            bias += partial[bias_offset + oc];
+          }
+          if (grad_weight != nullptr) {
+            for (int64_t c = 0; c < plan.in_group; ++c) {
+              for (int64_t k = 0; k < plan.kernel_size; ++k) {
+                grad_weight[(oc * plan.in_group + c) * plan.kernel_size + k] =
+                    static_cast<scalar_t>(total[k * plan.in_group + c]);
+              }
+            }
+          }
+          if (grad_bias != nullptr) {
+            grad_bias[oc] = static_cast<scalar_t>(bias);
+          }
         }
-      }
-    }
-  }
-  if (plan.need_bias) {
-    scalar_t* grad_bias = a.grad_bias.mutable_data_ptr<scalar_t>();
-    for (int64_t oc = 0; oc < s.out_channels; ++oc) {
-      grad_bias[oc] = static_cast<scalar_t>(
-          total[s.out_channels * plan.weight_size + oc]);
-    }
-  }
+      });
 }
 
 // ---------------------------------------------------------------------------
@@ -555,7 +589,7 @@ void backward_disjoint_windows(
       plan.need_input ? weight_rows(a, plan) : at::Tensor();
   const scalar_t* weight =
       plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> partials(plan.chunks * plan.partial_size, acc_t(0));
+  ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
   std::vector<uint8_t> non_finite(plan.chunks, 0);
 
   const int64_t chunk_flops = plan.chunk_images * s.out_channels *
@@ -579,7 +613,7 @@ void backward_disjoint_windows(
         std::vector<ChannelGradient<scalar_t>> channel_grads(
             plan.need_input ? plan.out_group * plan.pooled : 0);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          acc_t* partial = partials.data() + chunk * plan.partial_size;
+          acc_t* partial = partials.start(chunk);
           std::fill(chunk_weight_grad.begin(), chunk_weight_grad.end(), 0);
           const int64_t n_end =
               std::min(s.batch, (chunk + 1) * plan.chunk_images);
@@ -763,7 +797,7 @@ void backward_general(
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
-  std::vector<acc_t> partials(plan.chunks * plan.partial_size, acc_t(0));
+  ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
   std::vector<uint8_t> non_finite(plan.chunks, 0);
 
   const int64_t chunk_flops = plan.chunk_images * s.out_channels *
@@ -782,7 +816,7 @@ void backward_general(
         std::vector<ActivePosition<scalar_t>> active;
         active.reserve(plan.pooled);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          acc_t* partial = partials.data() + chunk * plan.partial_size;
+          acc_t* partial = partials.start(chunk);
           const int64_t n_end =
               std::min(s.batch, (chunk + 1) * plan.chunk_images);
           for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
