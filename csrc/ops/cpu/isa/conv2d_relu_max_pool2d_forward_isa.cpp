@@ -222,9 +222,11 @@ struct PoolTable {
 };
 
 // Pools one conv plane (followed by its -inf sentinel) into `output` and,
-// when `codes` is not null, the arg-max codes.
-template <typename scalar_t, typename code_t>
-void pool_plane(
+// when `codes` is not null, the arg-max codes. With kKeptTaps > 0 the window
+// has at most that many taps, held in registers between the two passes;
+// with 0, any window, gathered again for the codes.
+template <int kKeptTaps, typename scalar_t, typename code_t>
+void pool_plane_with(
     const scalar_t* plane, const PoolTable<scalar_t>& table,
     scalar_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -235,14 +237,28 @@ void pool_plane(
         plane, IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
   };
   const Vec zero(0);
+  Vec kept[kKeptTaps > 0 ? kKeptTaps : 1];
+  const auto value = [&](int64_t t, int64_t cell) {
+    return kKeptTaps > 0 ? kept[t] : tap(t, cell);
+  };
   for (int64_t cell = 0; cell < table.cells; cell += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), table.cells - cell);
     // The maximum first (NaN-propagating); then, only where codes are
     // wanted, the first tap equal to it, which is where max_pool2d's scan
     // stops. Lanes holding a NaN take that scan itself.
     Vec best(-std::numeric_limits<scalar_t>::infinity());
-    for (int64_t t = 0; t < table.taps; ++t) {
-      best = at::vec::maximum(best, tap(t, cell));
+    if constexpr (kKeptTaps > 0) {
+#pragma GCC unroll 9
+      for (int t = 0; t < kKeptTaps; ++t) {
+        if (t < table.taps) {
+          kept[t] = tap(t, cell);
+          best = at::vec::maximum(best, kept[t]);
+        }
+      }
+    } else {
+      for (int64_t t = 0; t < table.taps; ++t) {
+        best = at::vec::maximum(best, tap(t, cell));
+      }
     }
     const Vec blocked = best <= zero;
     Vec::blendv(best, zero, blocked).store(output + cell, count);
@@ -253,22 +269,36 @@ void pool_plane(
     if ((best == best).zero_mask() == 0) {
       for (int64_t t = table.taps - 1; t >= 0; --t) {
         code = Vec::blendv(
-            code, Vec(static_cast<scalar_t>(t + 1)), tap(t, cell) == best);
+            code, Vec(static_cast<scalar_t>(t + 1)), value(t, cell) == best);
       }
     } else {
       Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
       for (int64_t t = 0; t < table.taps; ++t) {
-        const Vec value = tap(t, cell);
-        const Vec take = (value > scan_best) | value.isnan();
-        scan_best = Vec::blendv(scan_best, value, take);
+        const Vec v = value(t, cell);
+        const Vec take = (v > scan_best) | v.isnan();
+        scan_best = Vec::blendv(scan_best, v, take);
         code = Vec::blendv(code, Vec(static_cast<scalar_t>(t + 1)), take);
       }
     }
-    scalar_t lanes[Vec::size()];
-    Vec::blendv(code, zero, blocked).store(lanes);
+    typename IndexVec::value_type lanes[Vec::size()];
+    at::vec::convert_to_int_of_same_size(Vec::blendv(code, zero, blocked))
+        .store(lanes);
     for (int64_t lane = 0; lane < count; ++lane) {
       codes[cell + lane] = static_cast<code_t>(lanes[lane]);
     }
+  }
+}
+
+template <typename scalar_t, typename code_t>
+void pool_plane(
+    const scalar_t* plane, const PoolTable<scalar_t>& table,
+    scalar_t* output, code_t* codes) {
+  if (table.taps <= 4) {
+    pool_plane_with<4>(plane, table, output, codes);
+  } else if (table.taps <= 9) {
+    pool_plane_with<9>(plane, table, output, codes);
+  } else {
+    pool_plane_with<0>(plane, table, output, codes);
   }
 }
 
