@@ -331,11 +331,14 @@ constexpr int max_register_rows(int64_t row_vectors) {
 
 // Up to kMaxRows kernel rows of kRowVectors vectors each, summed in
 // registers. Loops run over the constant kMaxRows and skip rows past `rows`,
-// so they unroll fully and every accumulator stays a register.
-template <typename scalar_t, int kRowVectors>
+// so they unroll fully and every accumulator stays a register. kRows > 0
+// fixes the number of rows (callers then pass kRows as `rows`, and the
+// skips fold away); 0 takes any up to the register budget.
+template <typename scalar_t, int kRowVectors, int kRows>
 struct RegisterRows {
   using Vec = at::vec::Vectorized<scalar_t>;
-  static constexpr int kMaxRows = max_register_rows<scalar_t>(kRowVectors);
+  static constexpr int kMaxRows =
+      kRows > 0 ? kRows : max_register_rows<scalar_t>(kRowVectors);
   Vec acc[kMaxRows][kRowVectors];
 
   C10_ALWAYS_INLINE void zero() {
@@ -471,15 +474,16 @@ struct FieldGeometry {
 // (KH, row_pitch) rows `rows` (when not null), and returns the sum of its
 // gradients (the bias gradient). Everything the loop reads is a parameter,
 // so that the compiler keeps it in registers along with the sums.
-template <typename scalar_t, typename code_t, int kRowVectors>
+template <typename scalar_t, typename code_t, int kRowVectors, int kRows>
 scalar_t plane_weight_gradient(
     const FieldGeometry g, const int64_t* code_field, const scalar_t* grads,
     const code_t* codes, const scalar_t* image, scalar_t* rows,
     int64_t row_pitch) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  RegisterRows<scalar_t, kRowVectors> sums;
+  RegisterRows<scalar_t, kRowVectors, kRows> sums;
+  const int64_t kernel_h = kRows > 0 ? kRows : g.kernel_h;
   if (rows != nullptr) {
-    sums.load(rows, row_pitch, g.kernel_h);
+    sums.load(rows, row_pitch, kernel_h);
   }
   scalar_t bias_sum = 0;
   for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
@@ -496,12 +500,12 @@ scalar_t plane_weight_gradient(
         sums.fmadd(
             Vec(grad),
             image + row_fields + pw * g.window_col_step + code_field[code],
-            g.row_step, g.kernel_h);
+            g.row_step, kernel_h);
       }
     }
   }
   if (rows != nullptr) {
-    sums.store(rows, row_pitch, g.kernel_h);
+    sums.store(rows, row_pitch, kernel_h);
   }
   return bias_sum;
 }
@@ -509,24 +513,24 @@ scalar_t plane_weight_gradient(
 // Adds to the staged grad_input, for each conv position, the weight rows of
 // the channels whose arg-max it is times their gradients, summed in
 // registers first. `pairs_end[i]` ends position i's run of `pairs`.
-template <typename scalar_t, int kRowVectors>
+template <typename scalar_t, int kRowVectors, int kRows>
 void add_input_gradient(
     const FieldGeometry g, int64_t conv_w, int64_t positions,
     const int64_t* pairs_end, const ChannelGradient<scalar_t>* pairs,
     int64_t row_length, scalar_t* grad_image) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t kernel_h = kRows > 0 ? kRows : g.kernel_h;
   int64_t pair = 0;
   for (int64_t position = 0; position < positions; ++position) {
     const int64_t end = pairs_end[position];
     if (pair == end) {
       continue;
     }
-    RegisterRows<scalar_t, kRowVectors> sums;
+    RegisterRows<scalar_t, kRowVectors, kRows> sums;
     sums.zero();
     bool finite = true;
     for (; pair < end; ++pair) {
-      sums.fmadd_packed(
-          Vec(pairs[pair].grad), pairs[pair].weight_rows, g.kernel_h);
+      sums.fmadd_packed(Vec(pairs[pair].grad), pairs[pair].weight_rows, kernel_h);
       finite &= std::isfinite(pairs[pair].grad);
     }
     // The padding lanes of the weight rows are 0, so a finite sum leaves
@@ -536,7 +540,7 @@ void add_input_gradient(
     const int64_t ow = position % conv_w;
     sums.add_to(
         grad_image + oh * g.conv_row_step + ow * g.conv_col_step, g.row_step,
-        g.kernel_h, row_length, finite);
+        kernel_h, row_length, finite);
   }
 }
 
@@ -550,7 +554,7 @@ void add_input_gradient(
 // - grad_input: for each conv position, the weight rows of every channel
 //   whose arg-max it is, times that channel's grad, summed in registers and
 //   added to the staged grad_input once per position.
-template <typename scalar_t, typename code_t, int kRowVectors>
+template <typename scalar_t, typename code_t, int kRowVectors, int kRows>
 void backward_disjoint_windows(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
@@ -635,7 +639,7 @@ void backward_disjoint_windows(
                 for (int64_t j = 0; j < plan.out_group; ++j) {
                   const int64_t oc = group * plan.out_group + j;
                   const scalar_t bias_sum =
-                      plane_weight_gradient<scalar_t, code_t, kRowVectors>(
+                      plane_weight_gradient<scalar_t, code_t, kRowVectors, kRows>(
                           g, code_field.data(), plane_grads + j * plan.pooled,
                           plane_codes + j * plan.pooled, image_cl.data(),
                           plan.need_weight ? chunk_weight_grad.data() +
@@ -688,7 +692,7 @@ void backward_disjoint_windows(
               });
               // position_start[i] now holds the end of position i's pairs.
               std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
-              add_input_gradient<scalar_t, kRowVectors>(
+              add_input_gradient<scalar_t, kRowVectors, kRows>(
                   g, s.conv_w, positions, position_start.data(),
                   channel_grads.data(), plan.row_length, grad_cl.data());
               from_channels_last(
@@ -920,13 +924,24 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
     backward_general<scalar_t, code_t>(a, plan);
     return;
   }
-  switch (plan.row_pitch / Vec::size()) {
-    case 1: backward_disjoint_windows<scalar_t, code_t, 1>(a, plan); break;
-    case 2: backward_disjoint_windows<scalar_t, code_t, 2>(a, plan); break;
-    case 3: backward_disjoint_windows<scalar_t, code_t, 3>(a, plan); break;
-    case 4: backward_disjoint_windows<scalar_t, code_t, 4>(a, plan); break;
-    case 5: backward_disjoint_windows<scalar_t, code_t, 5>(a, plan); break;
-    default: backward_disjoint_windows<scalar_t, code_t, 6>(a, plan); break;
+  const int64_t row_vectors = plan.row_pitch / Vec::size();
+  // Rows of one vector spend most of their time per position: for the
+  // common 3x3 and 5x5 kernels their row count is a constant.
+  if (row_vectors == 1 && a.shape.kernel_h == 5) {
+    backward_disjoint_windows<scalar_t, code_t, 1, 5>(a, plan);
+    return;
+  }
+  if (row_vectors == 1 && a.shape.kernel_h == 3) {
+    backward_disjoint_windows<scalar_t, code_t, 1, 3>(a, plan);
+    return;
+  }
+  switch (row_vectors) {
+    case 1: backward_disjoint_windows<scalar_t, code_t, 1, 0>(a, plan); break;
+    case 2: backward_disjoint_windows<scalar_t, code_t, 2, 0>(a, plan); break;
+    case 3: backward_disjoint_windows<scalar_t, code_t, 3, 0>(a, plan); break;
+    case 4: backward_disjoint_windows<scalar_t, code_t, 4, 0>(a, plan); break;
+    case 5: backward_disjoint_windows<scalar_t, code_t, 5, 0>(a, plan); break;
+    default: backward_disjoint_windows<scalar_t, code_t, 6, 0>(a, plan); break;
   }
 }
 
