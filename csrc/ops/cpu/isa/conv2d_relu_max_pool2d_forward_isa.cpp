@@ -333,16 +333,18 @@ void stage_shifted_columns(
             dst[ih * s.conv_w + j] = src[ih * s.in_w + j * p.stride[1]];
           }
         }
-      } else if (width <= Vec::size()) {
-        // The common case: a row in one (masked) vector, no memcpy call.
-        for (int64_t ih = 0; ih < s.in_h; ++ih) {
-          Vec::loadu(src + ih * s.in_w, width)
-              .store(dst + ih * s.conv_w, width);
-        }
       } else {
+        // Rows are short (often one masked vector): inline, no memcpy call.
+        const int64_t full = width - width % Vec::size();
         for (int64_t ih = 0; ih < s.in_h; ++ih) {
-          std::copy(src + ih * s.in_w, src + ih * s.in_w + width,
-                    dst + ih * s.conv_w);
+          const scalar_t* in = src + ih * s.in_w;
+          scalar_t* out = dst + ih * s.conv_w;
+          for (int64_t j = 0; j < full; j += Vec::size()) {
+            Vec::loadu(in + j).store(out + j);
+          }
+          if (full < width) {
+            Vec::loadu(in + full, width - full).store(out + full, width - full);
+          }
         }
       }
     }
