@@ -279,10 +279,10 @@ void write_weight_and_bias_gradients(
       plan.need_weight ? a.grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_bias =
       plan.need_bias ? a.grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t channel_work = plan.chunks * plan.weight_size;
   at::parallel_for(
       0, s.out_channels,
-      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(
-                                             1, plan.chunks * plan.weight_size)),
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, channel_work)),
       [&](int64_t begin, int64_t end) {
         std::vector<acc_t> total(plan.weight_size);
         for (int64_t oc = begin; oc < end; ++oc) {
@@ -450,8 +450,9 @@ bool disjoint_windows_path_applies(
       a.shape.kernel_h <= max_register_rows<scalar_t>(row_vectors);
 }
 
-// A conv output that receives gradient from output channel `weight_rows`
-// belongs to, with the gradient of the pooled output whose arg-max it is.
+// One entry of grad_input's work list: an output channel whose arg-max sits
+// at a conv position, as the channel's staged weight rows and the gradient
+// of the pooled output concerned.
 template <typename scalar_t>
 struct ChannelGradient {
   const scalar_t* weight_rows;  // (KH, row_pitch)
@@ -530,7 +531,8 @@ void add_input_gradient(
     sums.zero();
     bool finite = true;
     for (; pair < end; ++pair) {
-      sums.fmadd_packed(Vec(pairs[pair].grad), pairs[pair].weight_rows, kernel_h);
+      sums.fmadd_packed(
+          Vec(pairs[pair].grad), pairs[pair].weight_rows, kernel_h);
       finite &= std::isfinite(pairs[pair].grad);
     }
     // The padding lanes of the weight rows are 0, so a finite sum leaves
@@ -613,7 +615,8 @@ void backward_disjoint_windows(
         std::vector<scalar_t> chunk_weight_grad(
             plan.need_weight ? s.out_channels * plan.padded_weight_size : 0);
         // grad_input's work list, grouped by conv position.
-        std::vector<int64_t> position_start(plan.need_input ? positions + 1 : 0);
+        std::vector<int64_t> position_start(
+            plan.need_input ? positions + 1 : 0);
         std::vector<ChannelGradient<scalar_t>> channel_grads(
             plan.need_input ? plan.out_group * plan.pooled : 0);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -638,8 +641,8 @@ void backward_disjoint_windows(
               if (plan.need_weight || plan.need_bias) {
                 for (int64_t j = 0; j < plan.out_group; ++j) {
                   const int64_t oc = group * plan.out_group + j;
-                  const scalar_t bias_sum =
-                      plane_weight_gradient<scalar_t, code_t, kRowVectors, kRows>(
+                  const scalar_t bias_sum = plane_weight_gradient<
+                      scalar_t, code_t, kRowVectors, kRows>(
                           g, code_field.data(), plane_grads + j * plan.pooled,
                           plane_codes + j * plan.pooled, image_cl.data(),
                           plan.need_weight ? chunk_weight_grad.data() +

@@ -234,7 +234,8 @@ void pool_plane_with(
   static_assert(Vec::size() == IndexVec::size());
   const auto tap = [&](int64_t t, int64_t cell) {
     return at::vec::gather<sizeof(scalar_t)>(
-        plane, IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
+        plane,
+        IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
   };
   const Vec zero(0);
   Vec kept[kKeptTaps > 0 ? kKeptTaps : 1];
