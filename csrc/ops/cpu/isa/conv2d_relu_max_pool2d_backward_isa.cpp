@@ -312,6 +312,47 @@ void write_weight_and_bias_gradients(
       });
 }
 
+// The frame both paths share: chunks of images in parallel, each thread
+// with its own buffers (`make_buffers()`), `image(buffers, partial, n,
+// group)` for each image and group of a chunk, returning whether the input
+// it staged holds an inf or NaN, and `finish_chunk(buffers, partial)` after
+// a chunk's images; then the chunks' sums into grad_weight and grad_bias.
+template <typename scalar_t, typename MakeBuffers, typename Image,
+          typename FinishChunk>
+void run_in_chunks(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan,
+    const MakeBuffers& make_buffers, const Image& image,
+    const FinishChunk& finish_chunk) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const auto& s = a.shape;
+  ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
+  std::vector<uint8_t> non_finite(plan.chunks, 0);
+  const int64_t chunk_flops = plan.chunk_images * s.out_channels *
+      plan.pooled * plan.weight_size;
+  at::parallel_for(
+      0, plan.chunks,
+      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
+      [&](int64_t begin, int64_t end) {
+        auto buffers = make_buffers();
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          acc_t* partial = partials.start(chunk);
+          const int64_t n_end =
+              std::min(s.batch, (chunk + 1) * plan.chunk_images);
+          for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
+            for (int64_t group = 0; group < a.params.groups; ++group) {
+              non_finite[chunk] |= image(buffers, partial, n, group);
+            }
+          }
+          finish_chunk(buffers, partial);
+        }
+      });
+  *a.input_non_finite = std::any_of(
+      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
+  if (plan.need_weight || plan.need_bias) {
+    write_weight_and_bias_gradients(a, plan, partials);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Disjoint pooling windows, dilation_w == 1.
 
@@ -476,7 +517,7 @@ struct FieldGeometry {
 // gradients (the bias gradient). Everything the loop reads is a parameter,
 // so that the compiler keeps it in registers along with the sums.
 template <typename scalar_t, typename code_t, int kRowVectors, int kRows>
-scalar_t plane_weight_gradient(
+C10_ALWAYS_INLINE scalar_t plane_weight_gradient(
     const FieldGeometry g, const int64_t* code_field, const scalar_t* grads,
     const code_t* codes, const scalar_t* image, scalar_t* rows,
     int64_t row_pitch) {
@@ -595,126 +636,124 @@ void backward_disjoint_windows(
       plan.need_input ? weight_rows(a, plan) : at::Tensor();
   const scalar_t* weight =
       plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
-  ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
-  std::vector<uint8_t> non_finite(plan.chunks, 0);
-
-  const int64_t chunk_flops = plan.chunk_images * s.out_channels *
-      plan.pooled * plan.weight_size;
-  at::parallel_for(
-      0, plan.chunks,
-      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
-      [&](int64_t begin, int64_t end) {
-        // Slack of one row pitch: full-width rows may run past the last
-        // pixel. The padding border of image_cl stays 0.
-        std::vector<scalar_t> image_cl(
-            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0);
-        std::vector<scalar_t> grad_cl(
-            plan.need_input ? staged.size() + plan.row_pitch : 0);
-        // The chunk's weight gradient, (OC, KH, row_pitch), summed in
-        // scalar_t over its few images and added to the partials once.
-        std::vector<scalar_t> chunk_weight_grad(
-            plan.need_weight ? s.out_channels * plan.padded_weight_size : 0);
-        // grad_input's work list, grouped by conv position.
-        std::vector<int64_t> position_start(
-            plan.need_input ? positions + 1 : 0);
-        std::vector<ChannelGradient<scalar_t>> channel_grads(
-            plan.need_input ? plan.out_group * plan.pooled : 0);
-        for (int64_t chunk = begin; chunk < end; ++chunk) {
-          acc_t* partial = partials.start(chunk);
-          std::fill(chunk_weight_grad.begin(), chunk_weight_grad.end(), 0);
-          const int64_t n_end =
-              std::min(s.batch, (chunk + 1) * plan.chunk_images);
-          for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
-            for (int64_t group = 0; group < p.groups; ++group) {
-              const int64_t slice =
-                  (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
-              const int64_t first_plane =
-                  n * s.out_channels + group * plan.out_group;
-              const scalar_t* plane_grads =
-                  grad_output + first_plane * plan.pooled;
-              const code_t* plane_codes = codes + first_plane * plan.pooled;
-              if (plan.need_weight) {
-                to_channels_last(image_cl.data(), input + slice, staged);
-                non_finite[chunk] |=
-                    has_non_finite(image_cl.data(), staged.size());
-              }
-              if (plan.need_weight || plan.need_bias) {
-                for (int64_t j = 0; j < plan.out_group; ++j) {
-                  const int64_t oc = group * plan.out_group + j;
-                  const scalar_t bias_sum = plane_weight_gradient<
-                      scalar_t, code_t, kRowVectors, kRows>(
-                          g, code_field.data(), plane_grads + j * plan.pooled,
-                          plane_codes + j * plan.pooled, image_cl.data(),
-                          plan.need_weight ? chunk_weight_grad.data() +
-                                  oc * plan.padded_weight_size
-                                           : nullptr,
-                          plan.row_pitch);
-                  if (plan.need_bias) {
-                    partial[s.out_channels * plan.weight_size + oc] +=
-                        bias_sum;
-                  }
-                }
-              }
-              if (!plan.need_input) {
-                continue;
-              }
-              // Counting sort of (position, channel) pairs by position;
-              // channels stay in order within a position.
-              std::fill(position_start.begin(), position_start.end(), 0);
-              const auto for_each_pair = [&](const auto& fn) {
-                for (int64_t j = 0; j < plan.out_group; ++j) {
-                  const code_t* cell_codes = plane_codes + j * plan.pooled;
-                  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-                    const int64_t row_origin =
-                        (ph * p.pool_stride[0] - p.pool_padding[0]) * s.conv_w -
-                        p.pool_padding[1];
-                    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-                      const int64_t cell = ph * s.pooled_w + pw;
-                      const int64_t code =
-                          static_cast<int64_t>(cell_codes[cell]);
-                      if (code != geo::kNoGradient) {
-                        fn(j, cell,
-                           row_origin + pw * p.pool_stride[1] +
-                               code_position[code]);
-                      }
-                    }
-                  }
-                }
-              };
-              for_each_pair([&](int64_t, int64_t, int64_t position) {
-                ++position_start[position + 1];
-              });
-              for (int64_t i = 0; i < positions; ++i) {
-                position_start[i + 1] += position_start[i];
-              }
-              for_each_pair([&](int64_t j, int64_t cell, int64_t position) {
-                const int64_t oc = group * plan.out_group + j;
-                channel_grads[position_start[position]++] = {
-                    weight + oc * plan.padded_weight_size,
-                    plane_grads[j * plan.pooled + cell]};
-              });
-              // position_start[i] now holds the end of position i's pairs.
-              std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
-              add_input_gradient<scalar_t, kRowVectors, kRows>(
-                  g, s.conv_w, positions, position_start.data(),
-                  channel_grads.data(), plan.row_length, grad_cl.data());
-              from_channels_last(
-                  a.grad_input.mutable_data_ptr<scalar_t>() + slice,
-                  grad_cl.data(), staged);
+  // One thread's buffers. Slack of one row pitch: full-width rows may run
+  // past the last pixel. The padding border of image_cl stays 0.
+  struct Buffers {
+    std::vector<scalar_t> image_cl, grad_cl;
+    // A chunk's weight gradient, (OC, KH, row_pitch), summed in scalar_t
+    // over its few images and added to the partials once.
+    std::vector<scalar_t> chunk_weight_grad;
+    // grad_input's work list, grouped by conv position.
+    std::vector<int64_t> position_start;
+    std::vector<ChannelGradient<scalar_t>> channel_grads;
+  };
+  const auto make_buffers = [&] {
+    return Buffers{
+        std::vector<scalar_t>(
+            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0),
+        std::vector<scalar_t>(
+            plan.need_input ? staged.size() + plan.row_pitch : 0),
+        std::vector<scalar_t>(
+            plan.need_weight ? s.out_channels * plan.padded_weight_size : 0,
+            0),
+        std::vector<int64_t>(plan.need_input ? positions + 1 : 0),
+        std::vector<ChannelGradient<scalar_t>>(
+            plan.need_input ? plan.out_group * plan.pooled : 0)};
+  };
+  run_in_chunks(
+      a, plan, make_buffers,
+      [&](Buffers& b, acc_t* partial, int64_t n, int64_t group) {
+        // Raw pointers: the work list's stores could otherwise alias the
+        // vectors' own pointers and force their reloads.
+        int64_t* position_start = b.position_start.data();
+        ChannelGradient<scalar_t>* channel_grads = b.channel_grads.data();
+        bool staged_non_finite = false;
+        const int64_t slice =
+            (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
+        const int64_t first_plane =
+            n * s.out_channels + group * plan.out_group;
+        const scalar_t* plane_grads =
+            grad_output + first_plane * plan.pooled;
+        const code_t* plane_codes = codes + first_plane * plan.pooled;
+        if (plan.need_weight) {
+          to_channels_last(b.image_cl.data(), input + slice, staged);
+          staged_non_finite =
+              has_non_finite(b.image_cl.data(), staged.size());
+        }
+        if (plan.need_weight || plan.need_bias) {
+          for (int64_t j = 0; j < plan.out_group; ++j) {
+            const int64_t oc = group * plan.out_group + j;
+            const scalar_t bias_sum = plane_weight_gradient<
+                scalar_t, code_t, kRowVectors, kRows>(
+                    g, code_field.data(), plane_grads + j * plan.pooled,
+                    plane_codes + j * plan.pooled, b.image_cl.data(),
+                    plan.need_weight ? b.chunk_weight_grad.data() +
+                            oc * plan.padded_weight_size
+                                     : nullptr,
+                    plan.row_pitch);
+            if (plan.need_bias) {
+              partial[s.out_channels * plan.weight_size + oc] +=
+                  bias_sum;
             }
           }
-          if (plan.need_weight) {
-            add_weight_rows(
-                partial, chunk_weight_grad.data(), s.out_channels * s.kernel_h,
-                plan);
+        }
+        if (!plan.need_input) {
+          return staged_non_finite;
+        }
+        // Counting sort of (position, channel) pairs by position;
+        // channels stay in order within a position.
+        std::fill(b.position_start.begin(), b.position_start.end(), 0);
+        const auto for_each_pair = [&](const auto& fn) {
+          for (int64_t j = 0; j < plan.out_group; ++j) {
+            const code_t* cell_codes = plane_codes + j * plan.pooled;
+            for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+              const int64_t row_origin =
+                  (ph * p.pool_stride[0] - p.pool_padding[0]) * s.conv_w -
+                  p.pool_padding[1];
+              for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+                const int64_t cell = ph * s.pooled_w + pw;
+                const int64_t code =
+                    static_cast<int64_t>(cell_codes[cell]);
+                if (code != geo::kNoGradient) {
+                  fn(j, cell,
+                     row_origin + pw * p.pool_stride[1] +
+                         code_position[code]);
+                }
+              }
+            }
           }
+        };
+        for_each_pair([&](int64_t, int64_t, int64_t position) {
+          ++position_start[position + 1];
+        });
+        for (int64_t i = 0; i < positions; ++i) {
+          position_start[i + 1] += position_start[i];
+        }
+        for_each_pair([&](int64_t j, int64_t cell, int64_t position) {
+          const int64_t oc = group * plan.out_group + j;
+          channel_grads[position_start[position]++] = {
+              weight + oc * plan.padded_weight_size,
+              plane_grads[j * plan.pooled + cell]};
+        });
+        // position_start[i] now holds the end of position i's pairs.
+        std::fill(b.grad_cl.begin(), b.grad_cl.end(), scalar_t(0));
+        add_input_gradient<scalar_t, kRowVectors, kRows>(
+            g, s.conv_w, positions, position_start, channel_grads,
+            plan.row_length, b.grad_cl.data());
+        from_channels_last(
+            a.grad_input.mutable_data_ptr<scalar_t>() + slice,
+            b.grad_cl.data(), staged);
+        return staged_non_finite;
+      },
+      [&](Buffers& b, acc_t* partial) {
+        if (plan.need_weight) {
+          add_weight_rows(
+              partial, b.chunk_weight_grad.data(),
+              s.out_channels * s.kernel_h, plan);
+          std::fill(
+              b.chunk_weight_grad.begin(), b.chunk_weight_grad.end(), 0);
         }
       });
-  *a.input_non_finite = std::any_of(
-      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
-  if (plan.need_weight || plan.need_bias) {
-    write_weight_and_bias_gradients(a, plan, partials);
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -804,119 +843,111 @@ void backward_general(
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
-  ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
-  std::vector<uint8_t> non_finite(plan.chunks, 0);
-
-  const int64_t chunk_flops = plan.chunk_images * s.out_channels *
-      plan.pooled * plan.weight_size;
-  at::parallel_for(
-      0, plan.chunks,
-      std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, chunk_flops)),
-      [&](int64_t begin, int64_t end) {
-        // Slack of one row pitch: full-width rows may run past the last pixel.
-        std::vector<scalar_t> image_cl(
-            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0);
-        std::vector<scalar_t> grad_cl(
-            plan.need_input ? staged.size() + plan.row_pitch : 0);
-        std::vector<scalar_t> image_weight_grad(
-            plan.need_weight ? plan.out_group * plan.padded_weight_size : 0);
-        std::vector<ActivePosition<scalar_t>> active;
-        active.reserve(plan.pooled);
-        for (int64_t chunk = begin; chunk < end; ++chunk) {
-          acc_t* partial = partials.start(chunk);
-          const int64_t n_end =
-              std::min(s.batch, (chunk + 1) * plan.chunk_images);
-          for (int64_t n = chunk * plan.chunk_images; n < n_end; ++n) {
-            for (int64_t group = 0; group < p.groups; ++group) {
-              const int64_t slice =
-                  (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
-              if (plan.need_weight) {
-                to_channels_last(image_cl.data(), input + slice, staged);
-                non_finite[chunk] |=
-                    has_non_finite(image_cl.data(), staged.size());
-                std::fill(
-                    image_weight_grad.begin(), image_weight_grad.end(),
-                    scalar_t(0));
-              }
-              if (plan.need_input) {
-                std::fill(grad_cl.begin(), grad_cl.end(), scalar_t(0));
-              }
-              for (int64_t j = 0; j < plan.out_group; ++j) {
-                const int64_t oc = group * plan.out_group + j;
-                const int64_t offset = (n * s.out_channels + oc) * plan.pooled;
-                const scalar_t* w =
-                    plan.need_input
-                    ? weight + oc * plan.padded_weight_size
-                    : nullptr;
-                scalar_t* gw = plan.need_weight
-                    ? image_weight_grad.data() + j * plan.padded_weight_size
-                    : nullptr;
-                collect_active_positions(
-                    grad_output + offset, codes + offset, pool,
-                    windows_overlap, active);
-                scalar_t bias_sum = 0;
-                for (const auto& position : active) {
-                  bias_sum += position.grad;
-                  if (!plan.need_input && !plan.need_weight) {
-                    continue;
-                  }
-                  const auto rows = geo::valid_taps(
-                      position.oh, s.kernel_h, p.stride[0], p.padding[0],
-                      p.dilation[0], s.in_h);
-                  const auto cols = geo::valid_taps(
-                      position.ow, s.kernel_w, p.stride[1], p.padding[1],
-                      p.dilation[1], s.in_w);
-                  const int64_t ih0 = position.oh * p.stride[0] - p.padding[0];
-                  const int64_t iw0 = position.ow * p.stride[1] - p.padding[1];
-                  // Contiguous runs per kernel row: all valid taps at once
-                  // when dilation_w == 1, else one tap at a time.
-                  const int64_t run_taps =
-                      p.dilation[1] == 1 ? cols.end - cols.begin : 1;
-                  for (int64_t kh = rows.begin; kh < rows.end; ++kh) {
-                    const int64_t ih = ih0 + kh * p.dilation[0];
-                    for (int64_t kw = cols.begin; kw < cols.end;
-                         kw += run_taps) {
-                      const int64_t pixel =
-                          (ih * s.in_w + iw0 + kw * p.dilation[1]) *
-                          plan.in_group;
-                      const int64_t tap =
-                          kh * plan.row_pitch + kw * plan.in_group;
-                      const int64_t length = run_taps * plan.in_group;
-                      if (plan.need_input) {
-                        axpy(grad_cl.data() + pixel, w + tap, position.grad,
-                             length);
-                      }
-                      if (plan.need_weight) {
-                        axpy(gw + tap, image_cl.data() + pixel, position.grad,
-                             length);
-                      }
-                    }
-                  }
+  // One thread's buffers. Slack of one row pitch: full-width rows may run
+  // past the last pixel.
+  struct Buffers {
+    std::vector<scalar_t> image_cl, grad_cl, image_weight_grad;
+    std::vector<ActivePosition<scalar_t>> active;
+  };
+  const auto make_buffers = [&] {
+    Buffers b{
+        std::vector<scalar_t>(
+            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0),
+        std::vector<scalar_t>(
+            plan.need_input ? staged.size() + plan.row_pitch : 0),
+        std::vector<scalar_t>(
+            plan.need_weight ? plan.out_group * plan.padded_weight_size : 0),
+        {}};
+    b.active.reserve(plan.pooled);
+    return b;
+  };
+  run_in_chunks(
+      a, plan, make_buffers,
+      [&](Buffers& b, acc_t* partial, int64_t n, int64_t group) {
+        bool staged_non_finite = false;
+        const int64_t slice =
+            (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
+        if (plan.need_weight) {
+          to_channels_last(b.image_cl.data(), input + slice, staged);
+          staged_non_finite =
+              has_non_finite(b.image_cl.data(), staged.size());
+          std::fill(
+              b.image_weight_grad.begin(), b.image_weight_grad.end(),
+              scalar_t(0));
+        }
+        if (plan.need_input) {
+          std::fill(b.grad_cl.begin(), b.grad_cl.end(), scalar_t(0));
+        }
+        for (int64_t j = 0; j < plan.out_group; ++j) {
+          const int64_t oc = group * plan.out_group + j;
+          const int64_t offset = (n * s.out_channels + oc) * plan.pooled;
+          const scalar_t* w =
+              plan.need_input
+              ? weight + oc * plan.padded_weight_size
+              : nullptr;
+          scalar_t* gw = plan.need_weight
+              ? b.image_weight_grad.data() + j * plan.padded_weight_size
+              : nullptr;
+          collect_active_positions(
+              grad_output + offset, codes + offset, pool,
+              windows_overlap, b.active);
+          scalar_t bias_sum = 0;
+          for (const auto& position : b.active) {
+            bias_sum += position.grad;
+            if (!plan.need_input && !plan.need_weight) {
+              continue;
+            }
+            const auto rows = geo::valid_taps(
+                position.oh, s.kernel_h, p.stride[0], p.padding[0],
+                p.dilation[0], s.in_h);
+            const auto cols = geo::valid_taps(
+                position.ow, s.kernel_w, p.stride[1], p.padding[1],
+                p.dilation[1], s.in_w);
+            const int64_t ih0 = position.oh * p.stride[0] - p.padding[0];
+            const int64_t iw0 = position.ow * p.stride[1] - p.padding[1];
+            // Contiguous runs per kernel row: all valid taps at once
+            // when dilation_w == 1, else one tap at a time.
+            const int64_t run_taps =
+                p.dilation[1] == 1 ? cols.end - cols.begin : 1;
+            for (int64_t kh = rows.begin; kh < rows.end; ++kh) {
+              const int64_t ih = ih0 + kh * p.dilation[0];
+              for (int64_t kw = cols.begin; kw < cols.end;
+                   kw += run_taps) {
+                const int64_t pixel =
+                    (ih * s.in_w + iw0 + kw * p.dilation[1]) *
+                    plan.in_group;
+                const int64_t tap =
+                    kh * plan.row_pitch + kw * plan.in_group;
+                const int64_t length = run_taps * plan.in_group;
+                if (plan.need_input) {
+                  axpy(b.grad_cl.data() + pixel, w + tap, position.grad,
+                       length);
                 }
-                if (plan.need_bias) {
-                  partial[s.out_channels * plan.weight_size + oc] += bias_sum;
+                if (plan.need_weight) {
+                  axpy(gw + tap, b.image_cl.data() + pixel, position.grad,
+                       length);
                 }
-              }
-              if (plan.need_input) {
-                from_channels_last(
-                    a.grad_input.mutable_data_ptr<scalar_t>() + slice,
-                    grad_cl.data(), staged);
-              }
-              if (plan.need_weight) {
-                add_weight_rows(
-                    partial + group * plan.out_group * plan.weight_size,
-                    image_weight_grad.data(), plan.out_group * s.kernel_h,
-                    plan);
               }
             }
           }
+          if (plan.need_bias) {
+            partial[s.out_channels * plan.weight_size + oc] += bias_sum;
+          }
         }
-      });
-  *a.input_non_finite = std::any_of(
-      non_finite.begin(), non_finite.end(), [](uint8_t flag) { return flag; });
-  if (plan.need_weight || plan.need_bias) {
-    write_weight_and_bias_gradients(a, plan, partials);
-  }
+        if (plan.need_input) {
+          from_channels_last(
+              a.grad_input.mutable_data_ptr<scalar_t>() + slice,
+              b.grad_cl.data(), staged);
+        }
+        if (plan.need_weight) {
+          add_weight_rows(
+              partial + group * plan.out_group * plan.weight_size,
+              b.image_weight_grad.data(), plan.out_group * s.kernel_h,
+              plan);
+        }
+        return staged_non_finite;
+      },
+      [](Buffers&, acc_t*) {});
 }
 
 template <typename scalar_t, typename code_t>
