@@ -8,14 +8,11 @@
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
 #include "ops/geometry.h"
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
