@@ -6,16 +6,22 @@ run for every implementation, and that the report files are written.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptfast.benchmark.cases import IMPLEMENTATIONS, SELECTIONS, all_cases, select_cases
+from ptfast.benchmark.timing import keep_freed_memory_mapped
+
+IS_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -47,6 +53,7 @@ def test_cli_smoke_writes_the_report(tmp_path: Path):
         assert all(time > 0 for time in case["times_s"].values())
         assert case["speedup_vs_eager"] > 0
     assert document["gemm_gflops"]["cpu"] > 0
+    assert document["freed_memory_kept_mapped"] == IS_GLIBC
     for case in document["cases"]:
         if case["family"] == "conv2d_relu_max_pool2d":
             assert case["flops"] > 0 and case["ptfast_gflops"] > 0, case
@@ -104,3 +111,26 @@ def test_block_flops_count_the_convolutions():
     inference = select_cases("quick", pattern="inference/mnist1 1->10 k5 28x28 N1")
     assert [case.flops for case in inference] == [block1.conv_flops()]
 
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2: what malloc holds, in bytes."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(not IS_GLIBC or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33's mallinfo2")
+def test_freed_memory_stays_mapped_for_the_next_tensor():
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    assert keep_freed_memory_mapped()
+    before = libc.mallinfo2()
+    block = torch.empty(48 << 20, dtype=torch.uint8)
+    allocated = libc.mallinfo2()
+    del block
+    freed = libc.mallinfo2()
+    # By default glibc maps a 48 MB block on its own (hblkhd) and unmaps it
+    # when freed; kept, it comes from the heap and stays there, free.
+    assert allocated.hblkhd == before.hblkhd
+    assert freed.arena == allocated.arena
+    assert freed.fordblks >= 48 << 20

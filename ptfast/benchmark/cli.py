@@ -28,7 +28,7 @@ from ptfast.benchmark.machine import describe_machine
 from ptfast.benchmark.memory import MemoryResult, measure_block_memory
 from ptfast.benchmark.report import text_report, write_report
 from ptfast.benchmark.runner import CaseResult, run_cases
-from ptfast.benchmark.timing import TIMING_SETTINGS, matmul_gflops
+from ptfast.benchmark.timing import TIMING_SETTINGS, keep_freed_memory_mapped, matmul_gflops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # Fix the thread count for the whole run (eager, ptfast's OpenMP and
     # inductor's generated code all follow it) and record it.
     torch.set_num_threads(torch.get_num_threads())
+    freed_memory_kept_mapped = keep_freed_memory_mapped()
     machine = describe_machine(gpu=any(device.type == "cuda" for device in devices))
     out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / machine.slug()
     cases = select_cases(selection, pattern=args.only)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.to_dict(),
         "machine_summary": machine.describe(),
         "gemm_gflops": gemm_gflops,
+        "freed_memory_kept_mapped": freed_memory_kept_mapped,
     }
     print(text_report(document, results, memory))
     with_plots = importlib.util.find_spec("matplotlib") is not None

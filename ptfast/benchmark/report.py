@@ -165,7 +165,9 @@ def markdown_report(
         "",
         "Times are medians of interleaved repeats (seconds per call); speedup = baseline time / ptfast time, "
         "above 1.00x when ptfast is faster. *compile* is the native code through `torch.compile`. "
-        "*inference* runs under `torch.no_grad()`.",
+        "*inference* runs under `torch.no_grad()`."
+        + (" glibc's malloc kept freed memory mapped (trim and mmap thresholds 1 GiB) for every implementation."
+           if document.get("freed_memory_kept_mapped") else ""),
     ]
     for device in _devices(results, memory):
         device_results = [r for r in results if r.device == device]

@@ -10,12 +10,18 @@ sample, which one disturbed sample does not move.
 CPU samples use time.perf_counter. CUDA samples use CUDA events recorded
 around the calls, after a synchronize, so they measure the device's work
 rather than how fast the host queues it.
+
+A run first stops glibc's malloc from handing freed memory back to the
+kernel (keep_freed_memory_mapped): otherwise which implementation pays for
+page faults on tensors of tens of megabytes depends on the order of calls.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -142,6 +148,31 @@ def time_interleaved(
         for name, values in samples.items()
     }
     return timings, errors
+
+
+# mallopt() parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+KEEP_MAPPED_BYTES = 1 << 30
+
+
+def keep_freed_memory_mapped() -> bool:
+    """Make glibc's malloc keep freed memory mapped for the rest of the process.
+
+    By default glibc returns a large freed block to the kernel (unmapped, or
+    cut off the top of the heap) under thresholds that it adapts as the
+    process runs; the next allocation of that size then page-faults every
+    page in again. Between interleaved implementations this falls on
+    whichever happens to allocate after the other freed: a third of a
+    256x32000 log_softmax forward+backward in some orders, none in others.
+    Thresholds of 1 GiB keep the memory mapped for every implementation
+    alike, as jemalloc or tcmalloc (the allocators PyTorch recommends for
+    CPU work) do. Returns whether the setting applied (glibc only).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(option, KEEP_MAPPED_BYTES) == 1 for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
 
 
 GEMM_SIZE = 1024
