@@ -38,7 +38,7 @@ namespace geo = ptfast::geometry;
 // outputs per channel, so that adding up the chunks' partial sums stays
 // small next to the work.
 constexpr int64_t kMaxImageChunks = 64;
-constexpr int64_t kMinChunkPositions = 64;
+constexpr int64_t kMinChunkPositions = 256;
 
 // Sizes both backward paths derive from the arguments.
 template <typename scalar_t>
@@ -552,29 +552,57 @@ C10_ALWAYS_INLINE scalar_t plane_weight_gradient(
   return bias_sum;
 }
 
+// Sorts one image's (conv position, output channel) pairs by position for
+// grad_input: with disjoint windows a position is the arg-max of at most one
+// window per channel, so position i's pairs fit pairs[i * out_group, ...),
+// in channel order, and counts[i] says how many there are (counts must be
+// zero on entry). `cell_position[cell]` is the conv position of each pooled
+// output's window origin, `code_position[code]` the arg-max's offset from it.
+template <typename scalar_t, typename code_t>
+void group_pairs_by_position(
+    const code_t* codes, const scalar_t* grads, int64_t out_group,
+    int64_t pooled, const int64_t* cell_position,
+    const int64_t* code_position, const scalar_t* weight_rows,
+    int64_t padded_weight_size, int64_t* counts,
+    ChannelGradient<scalar_t>* pairs) {
+  for (int64_t j = 0; j < out_group; ++j) {
+    const code_t* channel_codes = codes + j * pooled;
+    const scalar_t* channel_grads = grads + j * pooled;
+    const scalar_t* rows = weight_rows + j * padded_weight_size;
+    for (int64_t cell = 0; cell < pooled; ++cell) {
+      const int64_t code = static_cast<int64_t>(channel_codes[cell]);
+      if (code == geo::kNoGradient) {
+        continue;
+      }
+      const int64_t position = cell_position[cell] + code_position[code];
+      pairs[position * out_group + counts[position]++] = {
+          rows, channel_grads[cell]};
+    }
+  }
+}
+
 // Adds to the staged grad_input, for each conv position, the weight rows of
 // the channels whose arg-max it is times their gradients, summed in
-// registers first. `pairs_end[i]` ends position i's run of `pairs`.
+// registers first; grouped as group_pairs_by_position leaves them.
 template <typename scalar_t, int kRowVectors, int kRows>
 void add_input_gradient(
     const FieldGeometry g, int64_t conv_w, int64_t positions,
-    const int64_t* pairs_end, const ChannelGradient<scalar_t>* pairs,
-    int64_t row_length, scalar_t* grad_image) {
+    const int64_t* counts, const ChannelGradient<scalar_t>* pairs,
+    int64_t out_group, int64_t row_length, scalar_t* grad_image) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t kernel_h = kRows > 0 ? kRows : g.kernel_h;
-  int64_t pair = 0;
   for (int64_t position = 0; position < positions; ++position) {
-    const int64_t end = pairs_end[position];
-    if (pair == end) {
+    const int64_t count = counts[position];
+    if (count == 0) {
       continue;
     }
+    const ChannelGradient<scalar_t>* first = pairs + position * out_group;
     RegisterRows<scalar_t, kRowVectors, kRows> sums;
     sums.zero();
     bool finite = true;
-    for (; pair < end; ++pair) {
-      sums.fmadd_packed(
-          Vec(pairs[pair].grad), pairs[pair].weight_rows, kernel_h);
-      finite &= std::isfinite(pairs[pair].grad);
+    for (int64_t k = 0; k < count; ++k) {
+      sums.fmadd_packed(Vec(first[k].grad), first[k].weight_rows, kernel_h);
+      finite &= std::isfinite(first[k].grad);
     }
     // The padding lanes of the weight rows are 0, so a finite sum leaves
     // the values past a row unchanged; grad * 0 is NaN for an infinite
@@ -628,6 +656,14 @@ void backward_disjoint_windows(
     code_position[code] = dy * s.conv_w + dx;
   }
   const int64_t positions = s.conv_h * s.conv_w;
+  std::vector<int64_t> cell_position(plan.pooled);
+  for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+    for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+      cell_position[ph * s.pooled_w + pw] =
+          (ph * p.pool_stride[0] - p.pool_padding[0]) * s.conv_w +
+          pw * p.pool_stride[1] - p.pool_padding[1];
+    }
+  }
 
   const scalar_t* grad_output = a.grad_output.const_data_ptr<scalar_t>();
   const code_t* codes = a.codes.const_data_ptr<code_t>();
@@ -644,7 +680,7 @@ void backward_disjoint_windows(
     // over its few images and added to the partials once.
     std::vector<scalar_t> chunk_weight_grad;
     // grad_input's work list, grouped by conv position.
-    std::vector<int64_t> position_start;
+    std::vector<int64_t> position_count;
     std::vector<ChannelGradient<scalar_t>> channel_grads;
   };
   const auto make_buffers = [&] {
@@ -656,17 +692,13 @@ void backward_disjoint_windows(
         std::vector<scalar_t>(
             plan.need_weight ? s.out_channels * plan.padded_weight_size : 0,
             0),
-        std::vector<int64_t>(plan.need_input ? positions + 1 : 0),
+        std::vector<int64_t>(plan.need_input ? positions : 0),
         std::vector<ChannelGradient<scalar_t>>(
-            plan.need_input ? plan.out_group * plan.pooled : 0)};
+            plan.need_input ? plan.out_group * positions : 0)};
   };
   run_in_chunks(
       a, plan, make_buffers,
       [&](Buffers& b, acc_t* partial, int64_t n, int64_t group) {
-        // Raw pointers: the work list's stores could otherwise alias the
-        // vectors' own pointers and force their reloads.
-        int64_t* position_start = b.position_start.data();
-        ChannelGradient<scalar_t>* channel_grads = b.channel_grads.data();
         bool staged_non_finite = false;
         const int64_t slice =
             (n * s.in_channels + group * plan.in_group) * s.in_h * s.in_w;
@@ -700,46 +732,18 @@ void backward_disjoint_windows(
         if (!plan.need_input) {
           return staged_non_finite;
         }
-        // Counting sort of (position, channel) pairs by position;
-        // channels stay in order within a position.
-        std::fill(b.position_start.begin(), b.position_start.end(), 0);
-        const auto for_each_pair = [&](const auto& fn) {
-          for (int64_t j = 0; j < plan.out_group; ++j) {
-            const code_t* cell_codes = plane_codes + j * plan.pooled;
-            for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
-              const int64_t row_origin =
-                  (ph * p.pool_stride[0] - p.pool_padding[0]) * s.conv_w -
-                  p.pool_padding[1];
-              for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-                const int64_t cell = ph * s.pooled_w + pw;
-                const int64_t code =
-                    static_cast<int64_t>(cell_codes[cell]);
-                if (code != geo::kNoGradient) {
-                  fn(j, cell,
-                     row_origin + pw * p.pool_stride[1] +
-                         code_position[code]);
-                }
-              }
-            }
-          }
-        };
-        for_each_pair([&](int64_t, int64_t, int64_t position) {
-          ++position_start[position + 1];
-        });
-        for (int64_t i = 0; i < positions; ++i) {
-          position_start[i + 1] += position_start[i];
-        }
-        for_each_pair([&](int64_t j, int64_t cell, int64_t position) {
-          const int64_t oc = group * plan.out_group + j;
-          channel_grads[position_start[position]++] = {
-              weight + oc * plan.padded_weight_size,
-              plane_grads[j * plan.pooled + cell]};
-        });
-        // position_start[i] now holds the end of position i's pairs.
+        std::fill(b.position_count.begin(), b.position_count.end(), 0);
+        group_pairs_by_position(
+            plane_codes, plane_grads, plan.out_group, plan.pooled,
+            cell_position.data(), code_position.data(),
+            weight + group * plan.out_group * plan.padded_weight_size,
+            plan.padded_weight_size, b.position_count.data(),
+            b.channel_grads.data());
         std::fill(b.grad_cl.begin(), b.grad_cl.end(), scalar_t(0));
         add_input_gradient<scalar_t, kRowVectors, kRows>(
-            g, s.conv_w, positions, position_start, channel_grads,
-            plan.row_length, b.grad_cl.data());
+            g, s.conv_w, positions, b.position_count.data(),
+            b.channel_grads.data(), plan.out_group, plan.row_length,
+            b.grad_cl.data());
         from_channels_last(
             a.grad_input.mutable_data_ptr<scalar_t>() + slice,
             b.grad_cl.data(), staged);
