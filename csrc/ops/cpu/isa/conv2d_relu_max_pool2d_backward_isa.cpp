@@ -586,32 +586,34 @@ void group_pairs_by_position(
 // registers first; grouped as group_pairs_by_position leaves them.
 template <typename scalar_t, int kRowVectors, int kRows>
 void add_input_gradient(
-    const FieldGeometry g, int64_t conv_w, int64_t positions,
+    const FieldGeometry g, int64_t conv_h, int64_t conv_w,
     const int64_t* counts, const ChannelGradient<scalar_t>* pairs,
     int64_t out_group, int64_t row_length, scalar_t* grad_image) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t kernel_h = kRows > 0 ? kRows : g.kernel_h;
-  for (int64_t position = 0; position < positions; ++position) {
-    const int64_t count = counts[position];
-    if (count == 0) {
-      continue;
+  for (int64_t oh = 0; oh < conv_h; ++oh) {
+    for (int64_t ow = 0; ow < conv_w; ++ow) {
+      const int64_t position = oh * conv_w + ow;
+      const int64_t count = counts[position];
+      if (count == 0) {
+        continue;
+      }
+      const ChannelGradient<scalar_t>* first = pairs + position * out_group;
+      RegisterRows<scalar_t, kRowVectors, kRows> sums;
+      sums.zero();
+      bool finite = true;
+      for (int64_t k = 0; k < count; ++k) {
+        sums.fmadd_packed(
+            Vec(first[k].grad), first[k].weight_rows, kernel_h);
+        finite &= std::isfinite(first[k].grad);
+      }
+      // The padding lanes of the weight rows are 0, so a finite sum leaves
+      // the values past a row unchanged; grad * 0 is NaN for an infinite
+      // grad, which must not spill over.
+      sums.add_to(
+          grad_image + oh * g.conv_row_step + ow * g.conv_col_step,
+          g.row_step, kernel_h, row_length, finite);
     }
-    const ChannelGradient<scalar_t>* first = pairs + position * out_group;
-    RegisterRows<scalar_t, kRowVectors, kRows> sums;
-    sums.zero();
-    bool finite = true;
-    for (int64_t k = 0; k < count; ++k) {
-      sums.fmadd_packed(Vec(first[k].grad), first[k].weight_rows, kernel_h);
-      finite &= std::isfinite(first[k].grad);
-    }
-    // The padding lanes of the weight rows are 0, so a finite sum leaves
-    // the values past a row unchanged; grad * 0 is NaN for an infinite
-    // grad, which must not spill over.
-    const int64_t oh = position / conv_w;
-    const int64_t ow = position % conv_w;
-    sums.add_to(
-        grad_image + oh * g.conv_row_step + ow * g.conv_col_step, g.row_step,
-        kernel_h, row_length, finite);
   }
 }
 
@@ -741,7 +743,7 @@ void backward_disjoint_windows(
             b.channel_grads.data());
         std::fill(b.grad_cl.begin(), b.grad_cl.end(), scalar_t(0));
         add_input_gradient<scalar_t, kRowVectors, kRows>(
-            g, s.conv_w, positions, b.position_count.data(),
+            g, s.conv_h, s.conv_w, b.position_count.data(),
             b.channel_grads.data(), plan.out_group, plan.row_length,
             b.grad_cl.data());
         from_channels_last(
@@ -971,6 +973,10 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   }
   if (row_vectors == 1 && a.shape.kernel_h == 3) {
     backward_disjoint_windows<scalar_t, code_t, 1, 3>(a, plan);
+    return;
+  }
+  if (row_vectors == 4 && a.shape.kernel_h == 5) {
+    backward_disjoint_windows<scalar_t, code_t, 4, 5>(a, plan);
     return;
   }
   switch (row_vectors) {
