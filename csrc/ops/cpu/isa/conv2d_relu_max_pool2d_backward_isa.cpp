@@ -370,6 +370,20 @@ constexpr int max_register_rows(int64_t row_vectors) {
       std::min<int64_t>(8, kRegisterBudget<scalar_t> / row_vectors));
 }
 
+// row + step, opaque to the optimiser: otherwise GCC hoists every kernel
+// row's offset (kh * step) out of the loop over positions, into more
+// values than the general registers hold, and reloads them from the stack
+// (or vector registers) for every position.
+template <typename scalar_t>
+C10_ALWAYS_INLINE const scalar_t* next_row(
+    const scalar_t* row, int64_t step) {
+  row += step;
+#if defined(__GNUC__)
+  asm("" : "+r"(row));
+#endif
+  return row;
+}
+
 // Up to kMaxRows kernel rows of kRowVectors vectors each, summed in
 // registers. Loops run over the constant kMaxRows and skip rows past `rows`,
 // so they unroll fully and every accumulator stays a register. kRows > 0
@@ -395,16 +409,17 @@ struct RegisterRows {
   // acc[kh] += g * src[kh * row_step, ...) for kh < rows.
   C10_ALWAYS_INLINE void fmadd(
       const Vec& g, const scalar_t* src, int64_t row_step, int64_t rows) {
+    const scalar_t* row = src;
 #pragma GCC unroll 8
     for (int kh = 0; kh < kMaxRows; ++kh) {
       if (kh < rows) {
 #pragma GCC unroll 6
         for (int r = 0; r < kRowVectors; ++r) {
           acc[kh][r] = at::vec::fmadd(
-              g, Vec::loadu(src + kh * row_step + r * Vec::size()),
-              acc[kh][r]);
+              g, Vec::loadu(row + r * Vec::size()), acc[kh][r]);
         }
       }
+      row = next_row(row, row_step);
     }
   }
 
