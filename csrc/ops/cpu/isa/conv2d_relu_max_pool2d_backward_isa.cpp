@@ -384,12 +384,34 @@ C10_ALWAYS_INLINE const scalar_t* next_row(
   return row;
 }
 
+// Whether load_half reads half a vector on this instruction set.
+template <typename scalar_t>
+constexpr bool kHasHalfLoads = sizeof(at::vec::Vectorized<scalar_t>) == 64;
+
+// The first half of the vector at `p`, zeros above it (AVX-512; elsewhere
+// the whole vector). For rows that fit half a vector: a whole vector loaded
+// at an unaligned address straddles two cache lines 15 times in 16, half
+// of one 7 times in 16.
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_half(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_zextps256_ps512(_mm256_loadu_ps(p));
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return _mm512_zextpd256_pd512(_mm256_loadu_pd(p));
+  }
+#endif
+  return at::vec::Vectorized<scalar_t>::loadu(p);
+}
+
 // Up to kMaxRows kernel rows of kRowVectors vectors each, summed in
 // registers. Loops run over the constant kMaxRows and skip rows past `rows`,
 // so they unroll fully and every accumulator stays a register. kRows > 0
 // fixes the number of rows (callers then pass kRows as `rows`, and the
-// skips fold away); 0 takes any up to the register budget.
-template <typename scalar_t, int kRowVectors, int kRows>
+// skips fold away); 0 takes any up to the register budget. kHalfRows: the
+// rows fit half a vector, and fmadd reads only that half.
+template <typename scalar_t, int kRowVectors, int kRows,
+          bool kHalfRows = false>
 struct RegisterRows {
   using Vec = at::vec::Vectorized<scalar_t>;
   static constexpr int kMaxRows =
@@ -415,8 +437,9 @@ struct RegisterRows {
       if (kh < rows) {
 #pragma GCC unroll 6
         for (int r = 0; r < kRowVectors; ++r) {
-          acc[kh][r] = at::vec::fmadd(
-              g, Vec::loadu(row + r * Vec::size()), acc[kh][r]);
+          const Vec values = kHalfRows ? load_half(row)
+                                       : Vec::loadu(row + r * Vec::size());
+          acc[kh][r] = at::vec::fmadd(g, values, acc[kh][r]);
         }
       }
       row = next_row(row, row_step);
@@ -531,13 +554,14 @@ struct FieldGeometry {
 // (KH, row_pitch) rows `rows` (when not null), and returns the sum of its
 // gradients (the bias gradient). Everything the loop reads is a parameter,
 // so that the compiler keeps it in registers along with the sums.
-template <typename scalar_t, typename code_t, int kRowVectors, int kRows>
+template <typename scalar_t, typename code_t, int kRowVectors, int kRows,
+          bool kHalfRows>
 C10_ALWAYS_INLINE scalar_t plane_weight_gradient(
     const FieldGeometry g, const int64_t* code_field, const scalar_t* grads,
     const code_t* codes, const scalar_t* image, scalar_t* rows,
     int64_t row_pitch) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  RegisterRows<scalar_t, kRowVectors, kRows> sums;
+  RegisterRows<scalar_t, kRowVectors, kRows, kHalfRows> sums;
   const int64_t kernel_h = kRows > 0 ? kRows : g.kernel_h;
   if (rows != nullptr) {
     sums.load(rows, row_pitch, kernel_h);
@@ -642,7 +666,8 @@ void add_input_gradient(
 // - grad_input: for each conv position, the weight rows of every channel
 //   whose arg-max it is, times that channel's grad, summed in registers and
 //   added to the staged grad_input once per position.
-template <typename scalar_t, typename code_t, int kRowVectors, int kRows>
+template <typename scalar_t, typename code_t, int kRowVectors, int kRows,
+          bool kHalfRows = false>
 void backward_disjoint_windows(
     const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
@@ -733,7 +758,7 @@ void backward_disjoint_windows(
           for (int64_t j = 0; j < plan.out_group; ++j) {
             const int64_t oc = group * plan.out_group + j;
             const scalar_t bias_sum = plane_weight_gradient<
-                scalar_t, code_t, kRowVectors, kRows>(
+                scalar_t, code_t, kRowVectors, kRows, kHalfRows>(
                     g, code_field.data(), plane_grads + j * plan.pooled,
                     plane_codes + j * plan.pooled, b.image_cl.data(),
                     plan.need_weight ? b.chunk_weight_grad.data() +
@@ -981,12 +1006,27 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   }
   const int64_t row_vectors = plan.row_pitch / Vec::size();
   // Rows of one vector spend most of their time per position: for the
-  // common 3x3 and 5x5 kernels their row count is a constant.
+  // common 3x3 and 5x5 kernels their row count is a constant, and rows of
+  // a single input channel read half a vector where that holds them.
+  const bool half_rows = kHasHalfLoads<scalar_t> &&
+      plan.row_length <= Vec::size() / 2;
   if (row_vectors == 1 && a.shape.kernel_h == 5) {
+    if constexpr (kHasHalfLoads<scalar_t>) {
+      if (half_rows) {
+        backward_disjoint_windows<scalar_t, code_t, 1, 5, true>(a, plan);
+        return;
+      }
+    }
     backward_disjoint_windows<scalar_t, code_t, 1, 5>(a, plan);
     return;
   }
   if (row_vectors == 1 && a.shape.kernel_h == 3) {
+    if constexpr (kHasHalfLoads<scalar_t>) {
+      if (half_rows) {
+        backward_disjoint_windows<scalar_t, code_t, 1, 3, true>(a, plan);
+        return;
+      }
+    }
     backward_disjoint_windows<scalar_t, code_t, 1, 3>(a, plan);
     return;
   }
