@@ -13,9 +13,14 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace ptfast::cpu {
 namespace {
@@ -218,6 +223,27 @@ struct PoolTable {
   }
 };
 
+// codes[0, count) from the first `count` lanes of `values`, which hold codes
+// (so they fit code_t). AVX-512 narrows 32-bit lanes to bytes in one masked
+// store; elsewhere the lanes go through memory.
+template <typename int_t, typename code_t>
+C10_ALWAYS_INLINE void store_codes(
+    const at::vec::Vectorized<int_t>& values, code_t* codes, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<int_t, int32_t> &&
+                std::is_same_v<code_t, uint8_t>) {
+    _mm512_mask_cvtepi32_storeu_epi8(
+        codes, static_cast<__mmask16>((1u << count) - 1), values);
+    return;
+  }
+#endif
+  int_t lanes[at::vec::Vectorized<int_t>::size()];
+  values.store(lanes);
+  for (int64_t lane = 0; lane < count; ++lane) {
+    codes[lane] = static_cast<code_t>(lanes[lane]);
+  }
+}
+
 // Pools one conv plane (followed by its -inf sentinel) into `output` and,
 // when `codes` is not null, the arg-max codes. With kKeptTaps > 0 the window
 // has at most that many taps, held in registers between the two passes;
@@ -278,12 +304,9 @@ void pool_plane_with(
         code = Vec::blendv(code, Vec(static_cast<scalar_t>(t + 1)), take);
       }
     }
-    typename IndexVec::value_type lanes[Vec::size()];
-    at::vec::convert_to_int_of_same_size(Vec::blendv(code, zero, blocked))
-        .store(lanes);
-    for (int64_t lane = 0; lane < count; ++lane) {
-      codes[cell + lane] = static_cast<code_t>(lanes[lane]);
-    }
+    store_codes(
+        at::vec::convert_to_int_of_same_size(Vec::blendv(code, zero, blocked)),
+        codes + cell, count);
   }
 }
 
