@@ -996,6 +996,21 @@ void backward_general(
       [](Buffers&, acc_t*) {});
 }
 
+// Kernel rows of one vector, kRows of them; read as half vectors where
+// they fit one (a single input channel).
+template <typename scalar_t, typename code_t, int kRows>
+void backward_one_vector_rows(
+    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if constexpr (kHasHalfLoads<scalar_t>) {
+    if (plan.row_length <= Vec::size() / 2) {
+      backward_disjoint_windows<scalar_t, code_t, 1, kRows, true>(a, plan);
+      return;
+    }
+  }
+  backward_disjoint_windows<scalar_t, code_t, 1, kRows>(a, plan);
+}
+
 template <typename scalar_t, typename code_t>
 void backward_typed(const ConvPoolBackwardArgs& a) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -1006,28 +1021,13 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   }
   const int64_t row_vectors = plan.row_pitch / Vec::size();
   // Rows of one vector spend most of their time per position: for the
-  // common 3x3 and 5x5 kernels their row count is a constant, and rows of
-  // a single input channel read half a vector where that holds them.
-  const bool half_rows = kHasHalfLoads<scalar_t> &&
-      plan.row_length <= Vec::size() / 2;
+  // common 3x3 and 5x5 kernels their row count is a constant.
   if (row_vectors == 1 && a.shape.kernel_h == 5) {
-    if constexpr (kHasHalfLoads<scalar_t>) {
-      if (half_rows) {
-        backward_disjoint_windows<scalar_t, code_t, 1, 5, true>(a, plan);
-        return;
-      }
-    }
-    backward_disjoint_windows<scalar_t, code_t, 1, 5>(a, plan);
+    backward_one_vector_rows<scalar_t, code_t, 5>(a, plan);
     return;
   }
   if (row_vectors == 1 && a.shape.kernel_h == 3) {
-    if constexpr (kHasHalfLoads<scalar_t>) {
-      if (half_rows) {
-        backward_disjoint_windows<scalar_t, code_t, 1, 3, true>(a, plan);
-        return;
-      }
-    }
-    backward_disjoint_windows<scalar_t, code_t, 1, 3>(a, plan);
+    backward_one_vector_rows<scalar_t, code_t, 3>(a, plan);
     return;
   }
   if (row_vectors == 4 && a.shape.kernel_h == 5) {
