@@ -413,6 +413,7 @@ C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_half(const scalar_t* p) {
 template <typename scalar_t, int kRowVectors, int kRows,
           bool kHalfRows = false>
 struct RegisterRows {
+  static_assert(!kHalfRows || kRowVectors == 1, "half rows are one vector");
   using Vec = at::vec::Vectorized<scalar_t>;
   static constexpr int kMaxRows =
       kRows > 0 ? kRows : max_register_rows<scalar_t>(kRowVectors);
