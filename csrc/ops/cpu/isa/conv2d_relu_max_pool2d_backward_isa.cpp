@@ -139,6 +139,15 @@ struct StagedPlane {
   int64_t size() const { return (height + 2 * pad_h) * padded_w() * channels; }
 };
 
+// A buffer for a staged image or grad_input (zeros), with one row pitch of
+// slack: full-width rows may run past the last pixel. Empty when not
+// `needed`.
+template <typename scalar_t>
+std::vector<scalar_t> staged_buffer(
+    const StagedPlane& staged, int64_t row_pitch, bool needed) {
+  return std::vector<scalar_t>(needed ? staged.size() + row_pitch : 0);
+}
+
 // The staged offset of pixel (h, w) of the input.
 inline int64_t staged_pixel(const StagedPlane& staged, int64_t h, int64_t w) {
   return ((h + staged.pad_h) * staged.padded_w() + w + staged.pad_w) *
@@ -715,8 +724,7 @@ void backward_disjoint_windows(
       plan.need_input ? weight_rows(a, plan) : at::Tensor();
   const scalar_t* weight =
       plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
-  // One thread's buffers. Slack of one row pitch: full-width rows may run
-  // past the last pixel. The padding border of image_cl stays 0.
+  // One thread's buffers. The padding border of image_cl stays 0.
   struct Buffers {
     std::vector<scalar_t> image_cl, grad_cl;
     // A chunk's weight gradient, (OC, KH, row_pitch), summed in scalar_t
@@ -728,10 +736,8 @@ void backward_disjoint_windows(
   };
   const auto make_buffers = [&] {
     return Buffers{
-        std::vector<scalar_t>(
-            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0),
-        std::vector<scalar_t>(
-            plan.need_input ? staged.size() + plan.row_pitch : 0),
+        staged_buffer<scalar_t>(staged, plan.row_pitch, plan.need_weight),
+        staged_buffer<scalar_t>(staged, plan.row_pitch, plan.need_input),
         std::vector<scalar_t>(
             plan.need_weight ? s.out_channels * plan.padded_weight_size : 0,
             0),
@@ -890,18 +896,15 @@ void backward_general(
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
   const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
       p.pool_stride[1] < p.pool_kernel[1];
-  // One thread's buffers. Slack of one row pitch: full-width rows may run
-  // past the last pixel.
+  // One thread's buffers.
   struct Buffers {
     std::vector<scalar_t> image_cl, grad_cl, image_weight_grad;
     std::vector<ActivePosition<scalar_t>> active;
   };
   const auto make_buffers = [&] {
     Buffers b{
-        std::vector<scalar_t>(
-            plan.need_weight ? staged.size() + plan.row_pitch : 0, 0),
-        std::vector<scalar_t>(
-            plan.need_input ? staged.size() + plan.row_pitch : 0),
+        staged_buffer<scalar_t>(staged, plan.row_pitch, plan.need_weight),
+        staged_buffer<scalar_t>(staged, plan.row_pitch, plan.need_input),
         std::vector<scalar_t>(
             plan.need_weight ? plan.out_group * plan.padded_weight_size : 0),
         {}};
