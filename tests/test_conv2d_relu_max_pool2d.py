@@ -57,6 +57,13 @@ GRID = [
     ("odd_spatial", dict(h=13, w=11), {}),
     ("tiny_spatial", dict(h=3, w=3, kernel=2), {}),
     ("no_bias", dict(bias=False), {}),
+    # Pooled rows longer than a vector (several chunks a row on AVX-512, in
+    # both dtypes); the stride-3 rows span too many columns for a chunk's
+    # two-vector load and take gathers.
+    ("wide_rows", dict(h=9, w=70), {}),
+    ("wide_rows_pool3_padding_ceil", dict(h=9, w=69), dict(pool_kernel_size=3, pool_padding=1, ceil_mode=True)),
+    ("wide_rows_pool3_overlapping", dict(h=8, w=41), dict(pool_kernel_size=3, pool_stride=1)),
+    ("wide_rows_pool_stride3", dict(h=8, w=100), dict(pool_kernel_size=2, pool_stride=3)),
     ("large_window_int32_codes", dict(h=20, w=20, kernel=1), dict(pool_kernel_size=16)),
     ("all_options", dict(n=3, c=4, oc=6, h=17, w=15, kernel=(3, 2), groups=2),
      dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), pool_kernel_size=(3, 2), pool_stride=(2, 1),
@@ -124,7 +131,7 @@ def block_configs(draw):
     pool_stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     pool_padding = (draw(st.integers(0, pool_kernel[0] // 2)), draw(st.integers(0, pool_kernel[1] // 2)))
     ceil_mode = draw(st.booleans())
-    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 48))
     conv = [conv_output_size(s, k, st_, p, d) for s, k, st_, p, d in zip((h, w), kernel, stride, padding, dilation)]
     assume(min(conv) >= 1)
     pooled = [pool_output_size(s, k, st_, p, ceil_mode) for s, k, st_, p in zip(conv, pool_kernel, pool_stride, pool_padding)]

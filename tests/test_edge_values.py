@@ -29,10 +29,11 @@ def test_zero_maximum_gets_no_gradient(dtype):
     assert_block_matches_native(x, w, None, {})
 
 
+@pytest.mark.parametrize("width", [9, 40], ids=["narrow", "wide_rows"])
 @pytest.mark.parametrize("kwargs", [{}, dict(pool_kernel_size=3, pool_stride=1, pool_padding=1), dict(padding=1)])
-def test_constant_inputs_tie_everywhere(kwargs, dtype, device):
+def test_constant_inputs_tie_everywhere(kwargs, width, dtype, device):
     """Every window is a tie: the first maximum in window order gets the gradient."""
-    x = torch.full((2, 2, 9, 9), 0.5, dtype=dtype, device=device, requires_grad=True)
+    x = torch.full((2, 2, 9, width), 0.5, dtype=dtype, device=device, requires_grad=True)
     w = torch.full((3, 2, 3, 3), 0.25, dtype=dtype, device=device, requires_grad=True)
     b = torch.full((3,), 0.125, dtype=dtype, device=device, requires_grad=True)
     assert_block_matches_native(x, w, b, kwargs)
@@ -74,6 +75,16 @@ def test_non_finite_values_propagate_like_native(value, where, kwargs, dtype, de
         assert torch.equal(a.isnan(), e.isnan()), f"NaN pattern of grad {name} differs"
         assert torch.equal(a.isinf(), e.isinf()), f"inf pattern of grad {name} differs"
         torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
+def test_non_finite_in_wide_rows(value, dtype):
+    """Pooled rows of several vectors: the non-finite values sit in a later chunk."""
+    x, w, b = block_inputs(2, 2, 3, 8, 75, 3, 1, True, dtype)
+    with torch.no_grad():
+        x[0, 1, 3, 60] = value
+        x[1, 0, 6, 41] = value
+    assert_block_matches_native(x, w, b, {})
 
 
 def test_non_finite_with_groups(dtype):

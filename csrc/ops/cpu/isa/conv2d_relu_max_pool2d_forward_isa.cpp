@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -244,84 +245,352 @@ C10_ALWAYS_INLINE void store_codes(
   }
 }
 
-// Pools one conv plane (followed by its -inf sentinel) into `output` and,
-// when `codes` is not null, the arg-max codes. With kKeptTaps > 0 the window
-// has at most that many taps, held in registers between the two passes;
-// with 0, any window, gathered again for the codes.
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 compares into mask registers. at::vec's compares return vectors of
+// all-ones lanes, which blendv turns back into masks: for the pooling's
+// selects that round trip costs as much as the selects.
+template <int kPredicate>
+C10_ALWAYS_INLINE __mmask16 compare(
+    const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+  return _mm512_cmp_ps_mask(a, b, kPredicate);
+}
+template <int kPredicate>
+C10_ALWAYS_INLINE __mmask8 compare(
+    const at::vec::Vectorized<double>& a,
+    const at::vec::Vectorized<double>& b) {
+  return _mm512_cmp_pd_mask(a, b, kPredicate);
+}
+
+// The lanes of `values` set in `mask`, `fallback` elsewhere.
+C10_ALWAYS_INLINE at::vec::Vectorized<float> keep_lanes(
+    __mmask16 mask, const at::vec::Vectorized<float>& values,
+    const at::vec::Vectorized<float>& fallback) {
+  return _mm512_mask_blend_ps(mask, fallback, values);
+}
+C10_ALWAYS_INLINE at::vec::Vectorized<double> keep_lanes(
+    __mmask8 mask, const at::vec::Vectorized<double>& values,
+    const at::vec::Vectorized<double>& fallback) {
+  return _mm512_mask_blend_pd(mask, fallback, values);
+}
+
+// `codes` with the lanes set in `mask` replaced by `code`.
+C10_ALWAYS_INLINE at::vec::Vectorized<int32_t> set_lanes(
+    __mmask16 mask, const at::vec::Vectorized<int32_t>& codes, int32_t code) {
+  return _mm512_mask_mov_epi32(codes, mask, _mm512_set1_epi32(code));
+}
+C10_ALWAYS_INLINE at::vec::Vectorized<int64_t> set_lanes(
+    __mmask8 mask, const at::vec::Vectorized<int64_t>& codes, int64_t code) {
+  return _mm512_mask_mov_epi64(codes, mask, _mm512_set1_epi64(code));
+}
+
+// Lanes of the 2 * size() lanes of (low, high), chosen by `index`: one
+// vpermt2ps / vpermt2pd.
+C10_ALWAYS_INLINE at::vec::Vectorized<float> select_lanes(
+    const at::vec::Vectorized<float>& low,
+    const at::vec::Vectorized<int32_t>& index,
+    const at::vec::Vectorized<float>& high) {
+  return _mm512_permutex2var_ps(low, index, high);
+}
+C10_ALWAYS_INLINE at::vec::Vectorized<double> select_lanes(
+    const at::vec::Vectorized<double>& low,
+    const at::vec::Vectorized<int64_t>& index,
+    const at::vec::Vectorized<double>& high) {
+  return _mm512_permutex2var_pd(low, index, high);
+}
+#endif
+
+// max_pool2d's own scan over the `taps` window taps (value(t) gives tap t):
+// a larger value or a NaN takes over, so the last NaN wins. The code of
+// the tap where each lane's scan ended, as scalar_t.
+template <typename scalar_t, typename TapValue>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> scanned_codes(
+    int64_t taps, const TapValue& value) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec code(geo::kNoGradient);
+  Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
+  for (int64_t t = 0; t < taps; ++t) {
+    const Vec v = value(t);
+    const Vec take = (v > scan_best) | v.isnan();
+    scan_best = Vec::blendv(scan_best, v, take);
+    code = Vec::blendv(code, Vec(static_cast<scalar_t>(t + 1)), take);
+  }
+  return code;
+}
+
+// Writes one vector of pooled outputs (`count` lanes) and, when `codes` is
+// not null, their arg-max codes. `best` is the windows' maximum (NaN wins)
+// over the `taps` window taps; value(t) gives tap t's values again. Without
+// a NaN, the first tap equal to the maximum is where max_pool2d's scan
+// stops; lanes holding a NaN take the scan itself.
+template <typename scalar_t, typename code_t, typename TapValue>
+C10_ALWAYS_INLINE void store_pooled(
+    const at::vec::Vectorized<scalar_t>& best, int64_t taps,
+    const TapValue& value, scalar_t* output, code_t* codes, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using CodeVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
+  const Vec zero(0);
+#if defined(CPU_CAPABILITY_AVX512)
+  const auto blocked = compare<_CMP_LE_OQ>(best, zero);
+  keep_lanes(blocked, zero, best).store(output, count);
+  if (codes == nullptr) {
+    return;
+  }
+  CodeVec code(geo::kNoGradient);
+  if (compare<_CMP_UNORD_Q>(best, best) == 0) {
+    for (int64_t t = taps - 1; t >= 0; --t) {
+      code = set_lanes(compare<_CMP_EQ_OQ>(value(t), best), code, t + 1);
+    }
+  } else {
+    code = at::vec::convert_to_int_of_same_size(
+        scanned_codes<scalar_t>(taps, value));
+  }
+  store_codes(set_lanes(blocked, code, geo::kNoGradient), codes, count);
+#else
+  const Vec blocked = best <= zero;
+  Vec::blendv(best, zero, blocked).store(output, count);
+  if (codes == nullptr) {
+    return;
+  }
+  Vec code(geo::kNoGradient);
+  if ((best == best).zero_mask() == 0) {
+    for (int64_t t = taps - 1; t >= 0; --t) {
+      code = Vec::blendv(
+          code, Vec(static_cast<scalar_t>(t + 1)), value(t) == best);
+    }
+  } else {
+    code = scanned_codes<scalar_t>(taps, value);
+  }
+  store_codes(
+      CodeVec(at::vec::convert_to_int_of_same_size(
+          Vec::blendv(code, zero, blocked))),
+      codes, count);
+#endif
+}
+
+// Pools one conv plane (followed by its -inf sentinel) through the gather
+// table. With kKeptTaps > 0 the window has at most that many taps, held in
+// registers between the maximum and the codes; with 0, any window, gathered
+// again for the codes.
 template <int kKeptTaps, typename scalar_t, typename code_t>
-void pool_plane_with(
+void pool_plane_by_gathers(
     const scalar_t* plane, const PoolTable<scalar_t>& table,
     scalar_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using IndexVec = at::vec::Vectorized<typename PoolTable<scalar_t>::index_t>;
   static_assert(Vec::size() == IndexVec::size());
-  const auto tap = [&](int64_t t, int64_t cell) {
-    return at::vec::gather<sizeof(scalar_t)>(
-        plane,
-        IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
-  };
-  const Vec zero(0);
-  Vec kept[kKeptTaps > 0 ? kKeptTaps : 1];
-  const auto value = [&](int64_t t, int64_t cell) {
-    return kKeptTaps > 0 ? kept[t] : tap(t, cell);
-  };
   for (int64_t cell = 0; cell < table.cells; cell += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), table.cells - cell);
-    // The maximum first (NaN-propagating); then, only where codes are
-    // wanted, the first tap equal to it, which is where max_pool2d's scan
-    // stops. Lanes holding a NaN take that scan itself.
+    const auto tap = [&](int64_t t) {
+      return at::vec::gather<sizeof(scalar_t)>(
+          plane,
+          IndexVec::loadu(table.index.data() + t * table.padded_cells + cell));
+    };
     Vec best(-std::numeric_limits<scalar_t>::infinity());
     if constexpr (kKeptTaps > 0) {
+      Vec kept[kKeptTaps];
 #pragma GCC unroll 9
       for (int t = 0; t < kKeptTaps; ++t) {
         if (t < table.taps) {
-          kept[t] = tap(t, cell);
+          kept[t] = tap(t);
           best = at::vec::maximum(best, kept[t]);
         }
       }
+      store_pooled(
+          best, table.taps, [&](int64_t t) { return kept[t]; },
+          output + cell, codes != nullptr ? codes + cell : nullptr,
+          std::min<int64_t>(Vec::size(), table.cells - cell));
     } else {
       for (int64_t t = 0; t < table.taps; ++t) {
-        best = at::vec::maximum(best, tap(t, cell));
+        best = at::vec::maximum(best, tap(t));
       }
+      store_pooled(
+          best, table.taps, tap, output + cell,
+          codes != nullptr ? codes + cell : nullptr,
+          std::min<int64_t>(Vec::size(), table.cells - cell));
     }
-    const Vec blocked = best <= zero;
-    Vec::blendv(best, zero, blocked).store(output + cell, count);
-    if (codes == nullptr) {
-      continue;
-    }
-    Vec code(geo::kNoGradient);
-    if ((best == best).zero_mask() == 0) {
-      for (int64_t t = table.taps - 1; t >= 0; --t) {
-        code = Vec::blendv(
-            code, Vec(static_cast<scalar_t>(t + 1)), value(t, cell) == best);
-      }
-    } else {
-      Vec scan_best(-std::numeric_limits<scalar_t>::infinity());
-      for (int64_t t = 0; t < table.taps; ++t) {
-        const Vec v = value(t, cell);
-        const Vec take = (v > scan_best) | v.isnan();
-        scan_best = Vec::blendv(scan_best, v, take);
-        code = Vec::blendv(code, Vec(static_cast<scalar_t>(t + 1)), take);
-      }
-    }
-    store_codes(
-        at::vec::convert_to_int_of_same_size(Vec::blendv(code, zero, blocked)),
-        codes + cell, count);
   }
 }
 
-template <typename scalar_t, typename code_t>
-void pool_plane(
-    const scalar_t* plane, const PoolTable<scalar_t>& table,
+#if defined(CPU_CAPABILITY_AVX512)
+// Pooling a row of windows at a time, on AVX-512: a pooled row is cut into
+// chunks of size() windows; window tap (dy, dx) of a chunk reads one conv
+// row, and the chunk's columns of that row span at most 2 * size() values,
+// so two vector loads and one lane permute give the tap for the whole chunk
+// (a gather costs a load per lane). Block 1's 2x2 windows over 24-wide conv
+// rows are the case this is for.
+template <typename scalar_t>
+struct PoolRowTable {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using index_t = at::vec::int_same_size_t<scalar_t>;
+  int64_t kernel;  // windows are kernel x kernel
+  int64_t chunks;  // chunks per pooled row
+  int64_t pooled_h, pooled_w;
+  std::vector<int64_t> chunk_begin;  // (chunks): first conv column loaded
+  // (kernel, chunks, size()): column - chunk_begin read by each window
+  std::vector<index_t> lane_column;
+  // (kernel, chunks): lanes whose column lies in the conv row (the others
+  // are pool padding and read -inf). Lanes past the pooled row are not
+  // stored and read any column of the row.
+  std::vector<uint32_t> lane_inside;
+  bool padded_columns;  // some stored lane reads pool padding
+  // (kernel, pooled_h): offset of the conv row a window row reads, or -1
+  // for pool padding.
+  std::vector<int64_t> row_offset;
+
+  // Nothing unless windows are 2x2 or 3x3 (the kernels compiled for rows),
+  // each chunk spans at most 2 * size() columns and a pooled row fills at
+  // least half a vector: below that, gathers of whole vectors of windows
+  // were faster (block 2's 4-wide rows: 375 vs 440 us at batch 64).
+  static std::optional<PoolRowTable> build(
+      const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+    constexpr int64_t lanes = Vec::size();
+    PoolRowTable table;
+    table.kernel = p.pool_kernel[0];
+    table.pooled_h = s.pooled_h;
+    table.pooled_w = s.pooled_w;
+    if (p.pool_kernel[1] != table.kernel ||
+        (table.kernel != 2 && table.kernel != 3) || 2 * s.pooled_w < lanes) {
+      return std::nullopt;
+    }
+    table.chunks = (s.pooled_w + lanes - 1) / lanes;
+    table.padded_columns = false;
+    table.lane_column.assign(table.kernel * table.chunks * lanes, 0);
+    table.lane_inside.assign(table.kernel * table.chunks, 0);
+    for (int64_t chunk = 0; chunk < table.chunks; ++chunk) {
+      const int64_t begin = std::max<int64_t>(
+          0, chunk * lanes * p.pool_stride[1] - p.pool_padding[1]);
+      table.chunk_begin.push_back(begin);
+      for (int64_t dx = 0; dx < table.kernel; ++dx) {
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+          const int64_t pw = chunk * lanes + lane;
+          const int64_t ow = pw * p.pool_stride[1] - p.pool_padding[1] + dx;
+          const bool stored = pw < s.pooled_w;
+          const bool inside = ow >= 0 && ow < s.conv_w;
+          if (stored && inside && ow - begin >= 2 * lanes) {
+            return std::nullopt;
+          }
+          table.padded_columns |= stored && !inside;
+          if (stored && inside) {
+            table.lane_column[(dx * table.chunks + chunk) * lanes + lane] =
+                static_cast<index_t>(ow - begin);
+          }
+          if (inside || !stored) {
+            table.lane_inside[dx * table.chunks + chunk] |= 1u << lane;
+          }
+        }
+      }
+    }
+    for (int64_t dy = 0; dy < table.kernel; ++dy) {
+      for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+        const int64_t oh = ph * p.pool_stride[0] - p.pool_padding[0] + dy;
+        table.row_offset.push_back(
+            oh >= 0 && oh < s.conv_h ? oh * s.conv_w : -1);
+      }
+    }
+    return table;
+  }
+};
+
+// Pools one conv plane a row of windows at a time (see PoolRowTable). The
+// plane buffer has 2 * size() values of slack after it.
+template <int kKernel, bool kPaddedColumns, typename scalar_t, typename code_t>
+void pool_plane_by_rows(
+    const scalar_t* plane, const PoolRowTable<scalar_t>& table,
     scalar_t* output, code_t* codes) {
-  if (table.taps <= 4) {
-    pool_plane_with<4>(plane, table, output, codes);
-  } else if (table.taps <= 9) {
-    pool_plane_with<9>(plane, table, output, codes);
-  } else {
-    pool_plane_with<0>(plane, table, output, codes);
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using IndexVec = at::vec::Vectorized<typename PoolRowTable<scalar_t>::index_t>;
+  constexpr int64_t kLanes = Vec::size();
+  const Vec minus_infinity(-std::numeric_limits<scalar_t>::infinity());
+  constexpr int kTaps = kKernel * kKernel;
+  for (int64_t ph = 0; ph < table.pooled_h; ++ph) {
+    for (int64_t chunk = 0; chunk < table.chunks; ++chunk) {
+      Vec kept[kTaps];
+      Vec best = minus_infinity;
+      for (int dy = 0; dy < kKernel; ++dy) {
+        const int64_t row = table.row_offset[dy * table.pooled_h + ph];
+        Vec low = minus_infinity;
+        Vec high = minus_infinity;
+        if (row >= 0) {
+          low = Vec::loadu(plane + row + table.chunk_begin[chunk]);
+          high = Vec::loadu(plane + row + table.chunk_begin[chunk] + kLanes);
+        }
+        for (int dx = 0; dx < kKernel; ++dx) {
+          const int64_t lanes_at = dx * table.chunks + chunk;
+          Vec v = select_lanes(
+              low, IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes),
+              high);
+          if constexpr (kPaddedColumns) {
+            v = keep_lanes(table.lane_inside[lanes_at], v, minus_infinity);
+          }
+          kept[dy * kKernel + dx] = v;
+          best = at::vec::maximum(best, v);
+        }
+      }
+      const int64_t pooled = ph * table.pooled_w + chunk * kLanes;
+      store_pooled(
+          best, kTaps, [&](int64_t t) { return kept[t]; }, output + pooled,
+          codes != nullptr ? codes + pooled : nullptr,
+          std::min<int64_t>(kLanes, table.pooled_w - chunk * kLanes));
+    }
   }
 }
+#endif
+
+// How a call pools its conv planes: by rows where PoolRowTable applies,
+// otherwise by gathers.
+template <typename scalar_t>
+struct PlanePooling {
+  // Values a conv plane buffer needs after its last plane (the row path's
+  // two-vector loads).
+  static constexpr int64_t kSlack = 2 * at::vec::Vectorized<scalar_t>::size();
+
+#if defined(CPU_CAPABILITY_AVX512)
+  std::optional<PoolRowTable<scalar_t>> rows;
+#endif
+  std::optional<PoolTable<scalar_t>> gathers;
+
+  PlanePooling(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    rows = PoolRowTable<scalar_t>::build(s, p);
+    if (rows) {
+      return;
+    }
+#endif
+    gathers.emplace(s, p);
+  }
+
+  // Pools one conv plane (followed by the -inf sentinel that gathers read
+  // for taps outside it) into `output`, and the arg-max codes into `codes`
+  // unless it is null.
+  template <typename code_t>
+  void operator()(const scalar_t* plane, scalar_t* output, code_t* codes)
+      const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (rows) {
+      const auto by_rows = [&](auto kernel, auto padded_columns) {
+        pool_plane_by_rows<kernel.value, padded_columns.value>(
+            plane, *rows, output, codes);
+      };
+      using Two = std::integral_constant<int, 2>;
+      using Three = std::integral_constant<int, 3>;
+      if (rows->kernel == 2) {
+        rows->padded_columns ? by_rows(Two{}, std::true_type{})
+                             : by_rows(Two{}, std::false_type{});
+      } else {
+        rows->padded_columns ? by_rows(Three{}, std::true_type{})
+                             : by_rows(Three{}, std::false_type{});
+      }
+      return;
+    }
+#endif
+    if (gathers->taps <= 4) {
+      pool_plane_by_gathers<4>(plane, *gathers, output, codes);
+    } else if (gathers->taps <= 9) {
+      pool_plane_by_gathers<9>(plane, *gathers, output, codes);
+    } else {
+      pool_plane_by_gathers<0>(plane, *gathers, output, codes);
+    }
+  }
+};
 
 // Stages `channels` input planes as shifted columns (see StagedLayout).
 // Only the values read from the input are written: the entries that come
@@ -405,13 +674,14 @@ void forward_typed(const ConvPoolForwardArgs& a) {
   const int64_t weight_size = in_group * s.kernel_h * s.kernel_w;
   const int64_t pooled_size = s.pooled_h * s.pooled_w;
   const int64_t task_flops = block_size * weight_size * s.conv_h * s.conv_w;
-  const PoolTable<scalar_t> pool_table(s, p);
+  const PlanePooling<scalar_t> pool_plane(s, p);
 
   at::parallel_for(
       0, s.batch * blocks,
       std::max<int64_t>(1, kGrainFlops / std::max<int64_t>(1, task_flops)),
       [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> planes(block_size * layout.plane_stride);
+        std::vector<scalar_t> planes(
+            block_size * layout.plane_stride + PlanePooling<scalar_t>::kSlack);
         for (int64_t j = 0; j < block_size; ++j) {
           planes[j * layout.plane_stride + layout.plane_size] =
               -std::numeric_limits<scalar_t>::infinity();
@@ -441,7 +711,7 @@ void forward_typed(const ConvPoolForwardArgs& a) {
           for (int64_t j = 0; j < block; ++j) {
             const int64_t plane_index = n * s.out_channels + first + j;
             pool_plane(
-                planes.data() + j * layout.plane_stride, pool_table,
+                planes.data() + j * layout.plane_stride,
                 output + plane_index * pooled_size,
                 codes != nullptr ? codes + plane_index * pooled_size : nullptr);
           }
