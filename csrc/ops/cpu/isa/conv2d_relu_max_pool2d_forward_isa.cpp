@@ -70,69 +70,89 @@ struct Segment {
   int64_t length;
 };
 
-// Computes kBlock conv planes (output channels oc0 .. oc0 + kBlock - 1 of a
-// group) over one segment, from the staged shifted columns `source`.
-// `tap_offsets[t]` is the staged offset of kernel tap t = kh * KW + kw.
-template <typename scalar_t, int kBlock>
-void conv_segment(
-    scalar_t* planes, int64_t plane_stride, const scalar_t* source,
-    int64_t channel_size, const scalar_t* weight, int64_t weight_stride,
-    const scalar_t* bias, int64_t channels, const int64_t* tap_offsets,
-    int64_t taps, const Segment& segment) {
+// What the conv loop reads for one block of output channels: the staged
+// shifted columns, the block's weights and biases.
+template <typename scalar_t>
+struct ConvBlockInputs {
+  const scalar_t* source;      // staged shifted columns of the group
+  int64_t channel_size;        // staged values per input channel
+  int64_t channels;            // input channels of the group
+  const scalar_t* weight;      // weight[j * weight_stride + c * taps + t]
+  int64_t weight_stride;
+  const scalar_t* bias;        // or null
+  const int64_t* tap_offsets;  // staged offset of kernel tap t = kh * KW + kw
+  int64_t taps;
+};
+
+// kVectors neighbouring vectors of conv outputs (`count` lanes in the last
+// one) of kBlock output channels, starting at `source_offset` in the staged
+// columns, stored at `dst` (channel j at dst + j * plane_stride). Each
+// input vector loaded feeds kBlock multiply-adds and each broadcast weight
+// kVectors. A function with plain parameters rather than a lambda: GCC
+// reloaded a lambda's captures around every store.
+template <int kBlock, int kVectors, typename scalar_t>
+C10_ALWAYS_INLINE void conv_vectors(
+    const ConvBlockInputs<scalar_t>& in, int64_t source_offset,
+    scalar_t* dst, int64_t plane_stride, int64_t count) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  // kVectors neighbouring vectors of outputs per pass, `count` lanes in the
-  // last one: each broadcast weight then feeds kVectors multiply-adds.
-  auto compute = [&](int64_t i, int64_t count, auto vectors) {
-    constexpr int kVectors = decltype(vectors)::value;
-    Vec acc[kVectors][kBlock];
-    for (int j = 0; j < kBlock; ++j) {
-      const Vec initial(bias != nullptr ? bias[j] : scalar_t(0));
-      for (int v = 0; v < kVectors; ++v) {
-        acc[v][j] = initial;
-      }
+  Vec acc[kVectors][kBlock];
+  for (int j = 0; j < kBlock; ++j) {
+    const Vec initial(in.bias != nullptr ? in.bias[j] : scalar_t(0));
+    for (int v = 0; v < kVectors; ++v) {
+      acc[v][j] = initial;
     }
-    const scalar_t* src = source + segment.source_offset + i;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* w = weight + c * taps;
-      for (int64_t t = 0; t < taps; ++t) {
-        Vec x[kVectors];
+  }
+  const scalar_t* src = in.source + source_offset;
+  const int64_t taps = in.taps;
+  for (int64_t c = 0; c < in.channels; ++c) {
+    const scalar_t* w = in.weight + c * taps;
+    for (int64_t t = 0; t < taps; ++t) {
+      Vec x[kVectors];
+      for (int v = 0; v < kVectors; ++v) {
+        const scalar_t* at = src + in.tap_offsets[t] + v * Vec::size();
+        x[v] = v + 1 < kVectors || count == Vec::size() ? Vec::loadu(at)
+                                                        : Vec::loadu(at, count);
+      }
+      for (int j = 0; j < kBlock; ++j) {
+        const Vec weight_j(w[j * in.weight_stride + t]);
         for (int v = 0; v < kVectors; ++v) {
-          const scalar_t* at = src + tap_offsets[t] + v * Vec::size();
-          x[v] = v + 1 < kVectors || count == Vec::size()
-              ? Vec::loadu(at)
-              : Vec::loadu(at, count);
-        }
-        for (int j = 0; j < kBlock; ++j) {
-          const Vec weight_j(w[j * weight_stride + t]);
-          for (int v = 0; v < kVectors; ++v) {
-            acc[v][j] = at::vec::fmadd(weight_j, x[v], acc[v][j]);
-          }
-        }
-      }
-      src += channel_size;
-    }
-    scalar_t* dst = planes + segment.plane_offset + i;
-    for (int j = 0; j < kBlock; ++j) {
-      for (int v = 0; v < kVectors; ++v) {
-        scalar_t* at = dst + j * plane_stride + v * Vec::size();
-        if (v + 1 < kVectors || count == Vec::size()) {
-          acc[v][j].store(at);
-        } else {
-          acc[v][j].store(at, count);
+          acc[v][j] = at::vec::fmadd(weight_j, x[v], acc[v][j]);
         }
       }
     }
-  };
+    src += in.channel_size;
+  }
+  for (int j = 0; j < kBlock; ++j) {
+    for (int v = 0; v < kVectors; ++v) {
+      scalar_t* at = dst + j * plane_stride + v * Vec::size();
+      if (v + 1 < kVectors || count == Vec::size()) {
+        acc[v][j].store(at);
+      } else {
+        acc[v][j].store(at, count);
+      }
+    }
+  }
+}
+
+// Computes kBlock conv planes (output channels oc0 .. oc0 + kBlock - 1 of a
+// group) over one segment.
+template <int kBlock, typename scalar_t>
+void conv_segment(
+    const ConvBlockInputs<scalar_t>& in, scalar_t* planes,
+    int64_t plane_stride, const Segment& segment) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  scalar_t* dst = planes + segment.plane_offset;
   int64_t i = 0;
   if constexpr (2 * kBlock <= kPairedAccumulators<scalar_t>) {
     for (; i + 2 * Vec::size() <= segment.length; i += 2 * Vec::size()) {
-      compute(i, Vec::size(), std::integral_constant<int, 2>{});
+      conv_vectors<kBlock, 2>(
+          in, segment.source_offset + i, dst + i, plane_stride, Vec::size());
     }
   }
   for (; i < segment.length; i += Vec::size()) {
-    compute(
-        i, std::min<int64_t>(Vec::size(), segment.length - i),
-        std::integral_constant<int, 1>{});
+    conv_vectors<kBlock, 1>(
+        in, segment.source_offset + i, dst + i, plane_stride,
+        std::min<int64_t>(Vec::size(), segment.length - i));
   }
 }
 
@@ -144,12 +164,13 @@ void conv_planes(
     const std::vector<int64_t>& tap_offsets, const StagedLayout& layout,
     const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
   const int64_t taps = s.kernel_h * s.kernel_w;
-  const int64_t weight_stride = channels * taps;
+  const ConvBlockInputs<scalar_t> in{
+      source, layout.channel_size, channels, weight, channels * taps,
+      bias, tap_offsets.data(), taps};
   auto run = [&](const Segment& segment) {
     auto call = [&](auto block_size) {
-      conv_segment<scalar_t, decltype(block_size)::value>(
-          planes, layout.plane_stride, source, layout.channel_size, weight,
-          weight_stride, bias, channels, tap_offsets.data(), taps, segment);
+      conv_segment<decltype(block_size)::value>(
+          in, planes, layout.plane_stride, segment);
     };
     switch (block) {
       case 1: call(std::integral_constant<int, 1>{}); break;
