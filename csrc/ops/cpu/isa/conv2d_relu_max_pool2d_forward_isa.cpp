@@ -304,6 +304,35 @@ C10_ALWAYS_INLINE at::vec::Vectorized<int64_t> set_lanes(
   return _mm512_mask_mov_epi64(codes, mask, _mm512_set1_epi64(code));
 }
 
+// The lanes' maximum over values[0, kCount), NaN wherever one of them is NaN,
+// as a chain of at::vec::maximum gives, for one vmaxps per value and one
+// compare per pair of values (at::vec::maximum checks every pair).
+C10_ALWAYS_INLINE at::vec::Vectorized<float> maximum_ignoring_nan(
+    const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+  return _mm512_max_ps(a, b);
+}
+C10_ALWAYS_INLINE at::vec::Vectorized<double> maximum_ignoring_nan(
+    const at::vec::Vectorized<double>& a,
+    const at::vec::Vectorized<double>& b) {
+  return _mm512_max_pd(a, b);
+}
+template <int kCount, typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> maximum_of(
+    const at::vec::Vectorized<scalar_t>* values) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  static_assert(kCount >= 2);
+  Vec best = values[0];
+  auto with_nan = compare<_CMP_UNORD_Q>(values[0], values[kCount - 1]);
+  for (int i = 1; i < kCount; ++i) {
+    best = maximum_ignoring_nan(best, values[i]);
+  }
+  for (int i = 1; i + 1 < kCount; i += 2) {
+    with_nan |= compare<_CMP_UNORD_Q>(values[i], values[i + 1]);
+  }
+  return keep_lanes(
+      with_nan, Vec(std::numeric_limits<scalar_t>::quiet_NaN()), best);
+}
+
 // Lanes of the 2 * size() lanes of (low, high), chosen by `index`: one
 // vpermt2ps / vpermt2pd.
 C10_ALWAYS_INLINE at::vec::Vectorized<float> select_lanes(
@@ -525,7 +554,6 @@ void pool_plane_by_rows(
   for (int64_t ph = 0; ph < table.pooled_h; ++ph) {
     for (int64_t chunk = 0; chunk < table.chunks; ++chunk) {
       Vec kept[kTaps];
-      Vec best = minus_infinity;
       for (int dy = 0; dy < kKernel; ++dy) {
         const int64_t row = table.row_offset[dy * table.pooled_h + ph];
         Vec low = minus_infinity;
@@ -543,9 +571,9 @@ void pool_plane_by_rows(
             v = keep_lanes(table.lane_inside[lanes_at], v, minus_infinity);
           }
           kept[dy * kKernel + dx] = v;
-          best = at::vec::maximum(best, v);
         }
       }
+      const Vec best = maximum_of<kTaps>(kept);
       const int64_t pooled = ph * table.pooled_w + chunk * kLanes;
       store_pooled(
           best, kTaps, [&](int64_t t) { return kept[t]; }, output + pooled,
