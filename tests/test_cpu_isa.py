@@ -26,8 +26,14 @@ for dtype in (torch.float64, torch.float32):
         ((3, 1, 10, 28, 28, 5, 1), {}),
         ((2, 4, 6, 13, 12, 3, 2), dict(groups=2, padding=1, stride=(1, 2), pool_kernel_size=3, pool_stride=1, pool_padding=1)),
         ((2, 3, 19, 12, 11, (2, 3), 1), dict(dilation=2, ceil_mode=True, stride=(2, 1))),
+        # Pooled rows of several vectors, pool padding, and a NaN in a later chunk.
+        ((2, 1, 4, 8, 70, 3, 1), {}),
+        ((2, 2, 5, 9, 40, 3, 1), dict(pool_kernel_size=3, pool_padding=1, ceil_mode=True)),
     ]:
         x, w, b = block_inputs(*shape, True, dtype)
+        if shape[4] >= 40:
+            with torch.no_grad():
+                x[1, 0, 4, 33] = float("nan")
         assert_block_matches_native(x, w, b, kwargs)
     for shape, dim in [((67, 10), 1), ((5, 1003), 1), ((4, 37, 5), 1), ((3, 0), 1), ((6300, 1001), 1)]:
         x = torch.randn(shape, dtype=dtype, requires_grad=True)

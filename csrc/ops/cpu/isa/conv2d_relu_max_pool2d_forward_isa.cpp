@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -266,20 +266,41 @@ C10_ALWAYS_INLINE void store_codes(
   }
 }
 
+// Lane masks for the pooling's selects. AVX-512 keeps them in mask
+// registers: at::vec's compares return vectors of all-ones lanes, which
+// every blendv turns back into a mask, and for the pooling that round trip
+// cost as much as the selects. Elsewhere they are at::vec's vector masks.
+enum class Predicate { kEqual, kLessEqual, kUnordered };
+
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX-512 compares into mask registers. at::vec's compares return vectors of
-// all-ones lanes, which blendv turns back into masks: for the pooling's
-// selects that round trip costs as much as the selects.
-template <int kPredicate>
+template <Predicate kPredicate>
+constexpr int kAvx512Predicate = kPredicate == Predicate::kEqual ? _CMP_EQ_OQ
+    : kPredicate == Predicate::kLessEqual                       ? _CMP_LE_OQ
+                                                                : _CMP_UNORD_Q;
+
+template <Predicate kPredicate>
 C10_ALWAYS_INLINE __mmask16 compare(
     const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
-  return _mm512_cmp_ps_mask(a, b, kPredicate);
+  return _mm512_cmp_ps_mask(a, b, kAvx512Predicate<kPredicate>);
 }
-template <int kPredicate>
+template <Predicate kPredicate>
 C10_ALWAYS_INLINE __mmask8 compare(
     const at::vec::Vectorized<double>& a,
     const at::vec::Vectorized<double>& b) {
-  return _mm512_cmp_pd_mask(a, b, kPredicate);
+  return _mm512_cmp_pd_mask(a, b, kAvx512Predicate<kPredicate>);
+}
+
+template <typename Mask>
+C10_ALWAYS_INLINE bool any_lane(Mask mask) {
+  return mask != 0;
+}
+
+// The mask of the lanes whose bit is set in `bits`.
+template <typename scalar_t>
+C10_ALWAYS_INLINE auto lanes_of(uint32_t bits) {
+  using Mask = std::conditional_t<std::is_same_v<scalar_t, float>, __mmask16,
+                                  __mmask8>;
+  return static_cast<Mask>(bits);
 }
 
 // The lanes of `values` set in `mask`, `fallback` elsewhere.
@@ -304,9 +325,6 @@ C10_ALWAYS_INLINE at::vec::Vectorized<int64_t> set_lanes(
   return _mm512_mask_mov_epi64(codes, mask, _mm512_set1_epi64(code));
 }
 
-// The lanes' maximum over values[0, kCount), NaN wherever one of them is NaN,
-// as a chain of at::vec::maximum gives, for one vmaxps per value and one
-// compare per pair of values (at::vec::maximum checks every pair).
 C10_ALWAYS_INLINE at::vec::Vectorized<float> maximum_ignoring_nan(
     const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
   return _mm512_max_ps(a, b);
@@ -316,25 +334,97 @@ C10_ALWAYS_INLINE at::vec::Vectorized<double> maximum_ignoring_nan(
     const at::vec::Vectorized<double>& b) {
   return _mm512_max_pd(a, b);
 }
+#else
+template <Predicate kPredicate, typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> compare(
+    const at::vec::Vectorized<scalar_t>& a,
+    const at::vec::Vectorized<scalar_t>& b) {
+  if constexpr (kPredicate == Predicate::kEqual) {
+    return a == b;
+  } else if constexpr (kPredicate == Predicate::kLessEqual) {
+    return a <= b;
+  } else {
+    return a.isnan() | b.isnan();
+  }
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE bool any_lane(const at::vec::Vectorized<scalar_t>& mask) {
+  return mask.zero_mask() != (1 << at::vec::Vectorized<scalar_t>::size()) - 1;
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> lanes_of(uint32_t bits) {
+  using IntVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
+  typename IntVec::value_type lane_bits[IntVec::size()];
+  for (int lane = 0; lane < IntVec::size(); ++lane) {
+    lane_bits[lane] = 1 << lane;
+  }
+  const IntVec lane_bit = IntVec::loadu(lane_bits);
+  return at::vec::cast<scalar_t>(
+      (IntVec(static_cast<typename IntVec::value_type>(bits)) & lane_bit) ==
+      lane_bit);
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> keep_lanes(
+    const at::vec::Vectorized<scalar_t>& mask,
+    const at::vec::Vectorized<scalar_t>& values,
+    const at::vec::Vectorized<scalar_t>& fallback) {
+  return at::vec::Vectorized<scalar_t>::blendv(fallback, values, mask);
+}
+
+template <typename scalar_t, typename int_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<int_t> set_lanes(
+    const at::vec::Vectorized<scalar_t>& mask,
+    const at::vec::Vectorized<int_t>& codes, int_t code) {
+  static_assert(sizeof(scalar_t) == sizeof(int_t));
+  return at::vec::Vectorized<int_t>::blendv(
+      codes, at::vec::Vectorized<int_t>(code), at::vec::cast<int_t>(mask));
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> maximum_ignoring_nan(
+    const at::vec::Vectorized<scalar_t>& a,
+    const at::vec::Vectorized<scalar_t>& b) {
+  return at::vec::Vectorized<scalar_t>::blendv(a, b, b > a);
+}
+#endif
+
+// The lanes' maximum over values[0, kCount), NaN wherever one of them is NaN,
+// as a chain of at::vec::maximum gives, for one maximum per value and one
+// compare per pair of values (at::vec::maximum checks every pair).
 template <int kCount, typename scalar_t>
 C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> maximum_of(
     const at::vec::Vectorized<scalar_t>* values) {
   using Vec = at::vec::Vectorized<scalar_t>;
   static_assert(kCount >= 2);
   Vec best = values[0];
-  auto with_nan = compare<_CMP_UNORD_Q>(values[0], values[kCount - 1]);
+  auto with_nan = compare<Predicate::kUnordered>(values[0], values[kCount - 1]);
   for (int i = 1; i < kCount; ++i) {
     best = maximum_ignoring_nan(best, values[i]);
   }
   for (int i = 1; i + 1 < kCount; i += 2) {
-    with_nan |= compare<_CMP_UNORD_Q>(values[i], values[i + 1]);
+    with_nan = with_nan | compare<Predicate::kUnordered>(values[i], values[i + 1]);
   }
   return keep_lanes(
       with_nan, Vec(std::numeric_limits<scalar_t>::quiet_NaN()), best);
 }
 
 // Lanes of the 2 * size() lanes of (low, high), chosen by `index`: one
-// vpermt2ps / vpermt2pd.
+// vpermt2ps / vpermt2pd on AVX-512; on AVX2 (float only) two vpermps and a
+// blend on the index's bit 3. kHasSelectLanes says where it exists.
+template <typename scalar_t>
+constexpr bool kHasSelectLanes =
+#if defined(CPU_CAPABILITY_AVX512)
+    true;
+#elif defined(CPU_CAPABILITY_AVX2)
+    std::is_same_v<scalar_t, float>;
+#else
+    false;
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
 C10_ALWAYS_INLINE at::vec::Vectorized<float> select_lanes(
     const at::vec::Vectorized<float>& low,
     const at::vec::Vectorized<int32_t>& index,
@@ -346,6 +436,16 @@ C10_ALWAYS_INLINE at::vec::Vectorized<double> select_lanes(
     const at::vec::Vectorized<int64_t>& index,
     const at::vec::Vectorized<double>& high) {
   return _mm512_permutex2var_pd(low, index, high);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+C10_ALWAYS_INLINE at::vec::Vectorized<float> select_lanes(
+    const at::vec::Vectorized<float>& low,
+    const at::vec::Vectorized<int32_t>& index,
+    const at::vec::Vectorized<float>& high) {
+  const __m256i lane = index;
+  return _mm256_blendv_ps(
+      _mm256_permutevar8x32_ps(low, lane), _mm256_permutevar8x32_ps(high, lane),
+      _mm256_castsi256_ps(_mm256_slli_epi32(lane, 28)));
 }
 #endif
 
@@ -379,42 +479,27 @@ C10_ALWAYS_INLINE void store_pooled(
   using Vec = at::vec::Vectorized<scalar_t>;
   using CodeVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
   const Vec zero(0);
-#if defined(CPU_CAPABILITY_AVX512)
-  const auto blocked = compare<_CMP_LE_OQ>(best, zero);
+  const auto blocked = compare<Predicate::kLessEqual>(best, zero);
   keep_lanes(blocked, zero, best).store(output, count);
   if (codes == nullptr) {
     return;
   }
   CodeVec code(geo::kNoGradient);
-  if (compare<_CMP_UNORD_Q>(best, best) == 0) {
+  if (!any_lane(compare<Predicate::kUnordered>(best, best))) {
     for (int64_t t = taps - 1; t >= 0; --t) {
-      code = set_lanes(compare<_CMP_EQ_OQ>(value(t), best), code, t + 1);
+      code = set_lanes(
+          compare<Predicate::kEqual>(value(t), best), code,
+          static_cast<typename CodeVec::value_type>(t + 1));
     }
   } else {
     code = at::vec::convert_to_int_of_same_size(
         scanned_codes<scalar_t>(taps, value));
   }
-  store_codes(set_lanes(blocked, code, geo::kNoGradient), codes, count);
-#else
-  const Vec blocked = best <= zero;
-  Vec::blendv(best, zero, blocked).store(output, count);
-  if (codes == nullptr) {
-    return;
-  }
-  Vec code(geo::kNoGradient);
-  if ((best == best).zero_mask() == 0) {
-    for (int64_t t = taps - 1; t >= 0; --t) {
-      code = Vec::blendv(
-          code, Vec(static_cast<scalar_t>(t + 1)), value(t) == best);
-    }
-  } else {
-    code = scanned_codes<scalar_t>(taps, value);
-  }
   store_codes(
-      CodeVec(at::vec::convert_to_int_of_same_size(
-          Vec::blendv(code, zero, blocked))),
+      set_lanes(
+          blocked, code,
+          static_cast<typename CodeVec::value_type>(geo::kNoGradient)),
       codes, count);
-#endif
 }
 
 // Pools one conv plane (followed by its -inf sentinel) through the gather
@@ -460,8 +545,7 @@ void pool_plane_by_gathers(
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Pooling a row of windows at a time, on AVX-512: a pooled row is cut into
+// Pooling a row of windows at a time, where select_lanes exists: a pooled row is cut into
 // chunks of size() windows; window tap (dy, dx) of a chunk reads one conv
 // row, and the chunk's columns of that row span at most 2 * size() values,
 // so two vector loads and one lane permute give the tap for the whole chunk
@@ -568,7 +652,9 @@ void pool_plane_by_rows(
               low, IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes),
               high);
           if constexpr (kPaddedColumns) {
-            v = keep_lanes(table.lane_inside[lanes_at], v, minus_infinity);
+            v = keep_lanes(
+                lanes_of<scalar_t>(table.lane_inside[lanes_at]), v,
+                minus_infinity);
           }
           kept[dy * kKernel + dx] = v;
         }
@@ -582,7 +668,6 @@ void pool_plane_by_rows(
     }
   }
 }
-#endif
 
 // How a call pools its conv planes: by rows where PoolRowTable applies,
 // otherwise by gathers.
@@ -592,18 +677,16 @@ struct PlanePooling {
   // two-vector loads).
   static constexpr int64_t kSlack = 2 * at::vec::Vectorized<scalar_t>::size();
 
-#if defined(CPU_CAPABILITY_AVX512)
   std::optional<PoolRowTable<scalar_t>> rows;
-#endif
   std::optional<PoolTable<scalar_t>> gathers;
 
   PlanePooling(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
-#if defined(CPU_CAPABILITY_AVX512)
-    rows = PoolRowTable<scalar_t>::build(s, p);
-    if (rows) {
-      return;
+    if constexpr (kHasSelectLanes<scalar_t>) {
+      rows = PoolRowTable<scalar_t>::build(s, p);
+      if (rows) {
+        return;
+      }
     }
-#endif
     gathers.emplace(s, p);
   }
 
@@ -613,24 +696,24 @@ struct PlanePooling {
   template <typename code_t>
   void operator()(const scalar_t* plane, scalar_t* output, code_t* codes)
       const {
-#if defined(CPU_CAPABILITY_AVX512)
-    if (rows) {
-      const auto by_rows = [&](auto kernel, auto padded_columns) {
-        pool_plane_by_rows<kernel.value, padded_columns.value>(
-            plane, *rows, output, codes);
-      };
-      using Two = std::integral_constant<int, 2>;
-      using Three = std::integral_constant<int, 3>;
-      if (rows->kernel == 2) {
-        rows->padded_columns ? by_rows(Two{}, std::true_type{})
-                             : by_rows(Two{}, std::false_type{});
-      } else {
-        rows->padded_columns ? by_rows(Three{}, std::true_type{})
-                             : by_rows(Three{}, std::false_type{});
+    if constexpr (kHasSelectLanes<scalar_t>) {
+      if (rows) {
+        const auto by_rows = [&](auto kernel, auto padded_columns) {
+          pool_plane_by_rows<kernel.value, padded_columns.value>(
+              plane, *rows, output, codes);
+        };
+        using Two = std::integral_constant<int, 2>;
+        using Three = std::integral_constant<int, 3>;
+        if (rows->kernel == 2) {
+          rows->padded_columns ? by_rows(Two{}, std::true_type{})
+                               : by_rows(Two{}, std::false_type{});
+        } else {
+          rows->padded_columns ? by_rows(Three{}, std::true_type{})
+                               : by_rows(Three{}, std::false_type{});
+        }
+        return;
       }
-      return;
     }
-#endif
     if (gathers->taps <= 4) {
       pool_plane_by_gathers<4>(plane, *gathers, output, codes);
     } else if (gathers->taps <= 9) {
