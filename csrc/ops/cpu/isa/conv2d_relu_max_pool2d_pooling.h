@@ -32,11 +32,15 @@ namespace geo = ptfast::geometry;
 // arg-max of relu(x) whenever that maximum is positive or NaN; otherwise no
 // gradient flows through the window (code kNoGradient).
 //
-// A plane is pooled a vector of pooled outputs at a time, whatever the
-// plane's width, by gathering each window tap through an index table built
-// once per call: no per-row work, and padding, ceil_mode and overlapping
-// windows need no special case. Taps outside the conv plane (and the lanes
-// past the last pooled output) read a -inf sentinel stored after the plane.
+// Two ways to pool a plane, chosen once per call (PlanePooling, at the end):
+// a row of windows at a time through lane permutes (PoolRowTable) where
+// they apply, otherwise by gathers (PoolTable).
+
+// Gathers: a vector of pooled outputs at a time, whatever the plane's width,
+// each window tap gathered through an index table built once per call: no
+// per-row work, and padding, ceil_mode and overlapping windows need no
+// special case. Taps outside the conv plane (and the lanes past the last
+// pooled output) read a -inf sentinel stored after the plane.
 template <typename scalar_t>
 struct PoolTable {
   using index_t = at::vec::int_same_size_t<scalar_t>;
@@ -235,7 +239,8 @@ C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> maximum_of(
     best = maximum_ignoring_nan(best, values[i]);
   }
   for (int i = 1; i + 1 < kCount; i += 2) {
-    with_nan = with_nan | compare<Predicate::kUnordered>(values[i], values[i + 1]);
+    with_nan =
+        with_nan | compare<Predicate::kUnordered>(values[i], values[i + 1]);
   }
   return keep_lanes(
       with_nan, Vec(std::numeric_limits<scalar_t>::quiet_NaN()), best);
@@ -375,12 +380,12 @@ void pool_plane_by_gathers(
   }
 }
 
-// Pooling a row of windows at a time, where select_lanes exists: a pooled row is cut into
-// chunks of size() windows; window tap (dy, dx) of a chunk reads one conv
-// row, and the chunk's columns of that row span at most 2 * size() values,
-// so two vector loads and one lane permute give the tap for the whole chunk
-// (a gather costs a load per lane). Block 1's 2x2 windows over 24-wide conv
-// rows are the case this is for.
+// Rows: where select_lanes exists, a pooled row is cut into chunks of
+// size() windows; window tap (dy, dx) of a chunk reads one conv row, and the
+// chunk's columns of that row span at most 2 * size() values, so two vector
+// loads and one lane permute give the tap for the whole chunk (a gather
+// costs a load per lane). Block 1's 2x2 windows over 24-wide conv rows are
+// the case this is for.
 template <typename scalar_t>
 struct PoolRowTable {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -461,7 +466,8 @@ void pool_plane_by_rows(
     const scalar_t* plane, const PoolRowTable<scalar_t>& table,
     scalar_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  using IndexVec = at::vec::Vectorized<typename PoolRowTable<scalar_t>::index_t>;
+  using IndexVec =
+      at::vec::Vectorized<typename PoolRowTable<scalar_t>::index_t>;
   constexpr int64_t kLanes = Vec::size();
   const Vec minus_infinity(-std::numeric_limits<scalar_t>::infinity());
   constexpr int kTaps = kKernel * kKernel;
@@ -478,9 +484,9 @@ void pool_plane_by_rows(
         }
         for (int dx = 0; dx < kKernel; ++dx) {
           const int64_t lanes_at = dx * table.chunks + chunk;
-          Vec v = select_lanes(
-              low, IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes),
-              high);
+          const IndexVec columns =
+              IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes);
+          Vec v = select_lanes(low, columns, high);
           if constexpr (kPaddedColumns) {
             v = keep_lanes(
                 lanes_of<scalar_t>(table.lane_inside[lanes_at]), v,
