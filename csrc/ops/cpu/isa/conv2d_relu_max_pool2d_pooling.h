@@ -471,26 +471,34 @@ void pool_plane_by_rows(
   constexpr int64_t kLanes = Vec::size();
   const Vec minus_infinity(-std::numeric_limits<scalar_t>::infinity());
   constexpr int kTaps = kKernel * kKernel;
-  for (int64_t ph = 0; ph < table.pooled_h; ++ph) {
-    for (int64_t chunk = 0; chunk < table.chunks; ++chunk) {
+  // Chunk by chunk, so that a chunk's permute indices and padding masks are
+  // loaded once for all its pooled rows.
+  for (int64_t chunk = 0; chunk < table.chunks; ++chunk) {
+    IndexVec columns[kKernel];
+    uint32_t inside[kKernel];
+    for (int dx = 0; dx < kKernel; ++dx) {
+      const int64_t lanes_at = dx * table.chunks + chunk;
+      columns[dx] =
+          IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes);
+      inside[dx] = table.lane_inside[lanes_at];
+    }
+    const scalar_t* chunk_plane = plane + table.chunk_begin[chunk];
+    const int64_t count =
+        std::min<int64_t>(kLanes, table.pooled_w - chunk * kLanes);
+    for (int64_t ph = 0; ph < table.pooled_h; ++ph) {
       Vec kept[kTaps];
       for (int dy = 0; dy < kKernel; ++dy) {
         const int64_t row = table.row_offset[dy * table.pooled_h + ph];
         Vec low = minus_infinity;
         Vec high = minus_infinity;
         if (row >= 0) {
-          low = Vec::loadu(plane + row + table.chunk_begin[chunk]);
-          high = Vec::loadu(plane + row + table.chunk_begin[chunk] + kLanes);
+          low = Vec::loadu(chunk_plane + row);
+          high = Vec::loadu(chunk_plane + row + kLanes);
         }
         for (int dx = 0; dx < kKernel; ++dx) {
-          const int64_t lanes_at = dx * table.chunks + chunk;
-          const IndexVec columns =
-              IndexVec::loadu(table.lane_column.data() + lanes_at * kLanes);
-          Vec v = select_lanes(low, columns, high);
+          Vec v = select_lanes(low, columns[dx], high);
           if constexpr (kPaddedColumns) {
-            v = keep_lanes(
-                lanes_of<scalar_t>(table.lane_inside[lanes_at]), v,
-                minus_infinity);
+            v = keep_lanes(lanes_of<scalar_t>(inside[dx]), v, minus_infinity);
           }
           kept[dy * kKernel + dx] = v;
         }
@@ -499,8 +507,7 @@ void pool_plane_by_rows(
       const int64_t pooled = ph * table.pooled_w + chunk * kLanes;
       store_pooled(
           best, kTaps, [&](int64_t t) { return kept[t]; }, output + pooled,
-          codes != nullptr ? codes + pooled : nullptr,
-          std::min<int64_t>(kLanes, table.pooled_w - chunk * kLanes));
+          codes != nullptr ? codes + pooled : nullptr, count);
     }
   }
 }
