@@ -81,7 +81,8 @@ struct PoolTable {
 
 // codes[0, count) from the first `count` lanes of `values`, which hold codes
 // (so they fit code_t). AVX-512 narrows 32-bit lanes to bytes in one masked
-// store; elsewhere the lanes go through memory.
+// store, AVX2 by two packs (one 8-byte store for a whole vector); elsewhere
+// the lanes go through memory.
 template <typename int_t, typename code_t>
 C10_ALWAYS_INLINE void store_codes(
     const at::vec::Vectorized<int_t>& values, code_t* codes, int64_t count) {
@@ -90,6 +91,22 @@ C10_ALWAYS_INLINE void store_codes(
                 std::is_same_v<code_t, uint8_t>) {
     _mm512_mask_cvtepi32_storeu_epi8(
         codes, static_cast<__mmask16>((1u << count) - 1), values);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<int_t, int32_t> &&
+                std::is_same_v<code_t, uint8_t>) {
+    const __m256i lanes = values;
+    const __m128i words = _mm_packus_epi32(
+        _mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
+    const __m128i bytes = _mm_packus_epi16(words, words);
+    if (count == at::vec::Vectorized<int_t>::size()) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), bytes);
+      return;
+    }
+    uint8_t narrowed[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(narrowed), bytes);
+    std::copy(narrowed, narrowed + count, codes);
     return;
   }
 #endif
