@@ -425,7 +425,8 @@ struct PoolRowTable {
   // Nothing unless windows are 2x2 or 3x3 (the kernels compiled for rows),
   // each chunk spans at most 2 * size() columns and a pooled row fills at
   // least half a vector: below that, gathers of whole vectors of windows
-  // were faster (block 2's 4-wide rows: 375 vs 440 us at batch 64).
+  // were faster (block 2's 4-wide rows on AVX-512: 375 vs 440 us at batch
+  // 64; on AVX2 they fill half a vector and both ways measured the same).
   static std::optional<PoolRowTable> build(
       const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
     constexpr int64_t lanes = Vec::size();
