@@ -20,20 +20,20 @@ def _conv2d_relu_max_pool2d_fake(
     return input.new_empty(shape)
 
 
-@torch.library.register_fake("ptfast::conv2d_relu_max_pool2d_with_indices")
-def _conv2d_relu_max_pool2d_with_indices_fake(
+@torch.library.register_fake("ptfast::_conv2d_relu_max_pool2d_with_codes")
+def _conv2d_relu_max_pool2d_with_codes_fake(
     input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
 ):
     shape = pooled_shape(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding, ceil_mode)
     return input.new_empty(shape), input.new_empty(shape, dtype=argmax_code_dtype(pool_kernel_size))
 
 
-@torch.library.register_fake("ptfast::conv2d_relu_max_pool2d_backward")
+@torch.library.register_fake("ptfast::_conv2d_relu_max_pool2d_backward")
 def _conv2d_relu_max_pool2d_backward_fake(
     grad_output,
     input,
     weight,
-    indices,
+    codes,
     stride,
     padding,
     dilation,
@@ -56,6 +56,6 @@ def _log_softmax_fake(self, dim):
     return self.new_empty(self.shape)
 
 
-@torch.library.register_fake("ptfast::log_softmax_backward")
+@torch.library.register_fake("ptfast::_log_softmax_backward")
 def _log_softmax_backward_fake(grad_output, output, dim):
     return output.new_empty(output.shape)

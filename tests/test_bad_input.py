@@ -78,11 +78,11 @@ def test_raw_op_list_arguments_are_checked():
 
 def test_backward_op_checks_its_tensors():
     args = ([1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], False)
-    out, codes = torch.ops.ptfast.conv2d_relu_max_pool2d_with_indices(X, W, B, *args)
+    out, codes = torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes(X, W, B, *args)
     with pytest.raises(RuntimeError, match="`grad_output` must have shape"):
-        torch.ops.ptfast.conv2d_relu_max_pool2d_backward(out[:1], X, W, codes, *args, [True, True, True])
-    with pytest.raises(TypeError, match="`indices` must have dtype Byte"):
-        torch.ops.ptfast.conv2d_relu_max_pool2d_backward(out, X, W, codes.int(), *args, [True, True, True])
+        torch.ops.ptfast._conv2d_relu_max_pool2d_backward(out[:1], X, W, codes, *args, [True, True, True])
+    with pytest.raises(TypeError, match="`codes` must have dtype Byte"):
+        torch.ops.ptfast._conv2d_relu_max_pool2d_backward(out, X, W, codes.int(), *args, [True, True, True])
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,6 @@ def test_invalid_log_softmax_arguments(input, dim, error, pattern):
 def test_log_softmax_backward_checks_shapes():
     y = ptfast.log_softmax(torch.randn(3, 4), 1)
     with pytest.raises(RuntimeError, match="`grad_output` must have the shape of `output`"):
-        torch.ops.ptfast.log_softmax_backward(torch.randn(4, 3), y, 1)
+        torch.ops.ptfast._log_softmax_backward(torch.randn(4, 3), y, 1)
     with pytest.raises(TypeError, match="`grad_output` has dtype Double"):
-        torch.ops.ptfast.log_softmax_backward(torch.randn(3, 4, dtype=torch.float64), y, 1)
+        torch.ops.ptfast._log_softmax_backward(torch.randn(3, 4, dtype=torch.float64), y, 1)

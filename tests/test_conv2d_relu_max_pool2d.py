@@ -177,10 +177,10 @@ def test_opcheck(args, with_bias, device):
     torch.library.opcheck(torch.ops.ptfast.conv2d_relu_max_pool2d.default, (x, w, b, *args))
     # The op with indices and the backward op are not differentiable themselves.
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))
-    out, codes = torch.ops.ptfast.conv2d_relu_max_pool2d_with_indices(x, w, b, *args)
-    torch.library.opcheck(torch.ops.ptfast.conv2d_relu_max_pool2d_with_indices.default, (x, w, b, *args))
+    out, codes = torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes(x, w, b, *args)
+    torch.library.opcheck(torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes.default, (x, w, b, *args))
     torch.library.opcheck(
-        torch.ops.ptfast.conv2d_relu_max_pool2d_backward.default,
+        torch.ops.ptfast._conv2d_relu_max_pool2d_backward.default,
         (torch.randn_like(out), x, w, codes, *args, [True, True, with_bias]),
     )
 
@@ -228,9 +228,9 @@ def test_no_codes_without_grad():
 def test_backward_op_computes_only_masked_gradients():
     x, w, b = block_inputs(2, 3, 4, 10, 10, 3, 1, True, torch.float64)
     args = ([1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], False)
-    out, codes = torch.ops.ptfast.conv2d_relu_max_pool2d_with_indices(x.detach(), w.detach(), b.detach(), *args)
+    out, codes = torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes(x.detach(), w.detach(), b.detach(), *args)
     grad = torch.randn_like(out)
-    gi, gw, gb = torch.ops.ptfast.conv2d_relu_max_pool2d_backward(grad, x.detach(), w.detach(), codes, *args, [False, True, False])
+    gi, gw, gb = torch.ops.ptfast._conv2d_relu_max_pool2d_backward(grad, x.detach(), w.detach(), codes, *args, [False, True, False])
     assert gi is None and gb is None and gw.shape == w.shape
     ref_gw, = torch.autograd.grad(native_block(x, w, b), w, grad)
     torch.testing.assert_close(gw, ref_gw)
@@ -240,7 +240,7 @@ def test_double_backward_raises():
     x, w, b = block_inputs(2, 3, 4, 10, 10, 3, 1, True, torch.float64)
     out = ptfast.conv2d_relu_max_pool2d(x, w, b)
     gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="conv2d_relu_max_pool2d_backward.*not implemented"):
+    with pytest.raises(RuntimeError, match="_conv2d_relu_max_pool2d_backward.*not implemented"):
         gx.sum().backward()
 
 

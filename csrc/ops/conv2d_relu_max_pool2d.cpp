@@ -2,9 +2,9 @@
 // argument checks shared by its backends.
 //
 //   conv2d_relu_max_pool2d               the public op (no arg-max codes)
-//   conv2d_relu_max_pool2d_with_indices  also returns the arg-max codes the
+//   _conv2d_relu_max_pool2d_with_codes  also returns the arg-max codes the
 //                                        backward needs (see geometry.h)
-//   conv2d_relu_max_pool2d_backward      gradients from those codes
+//   _conv2d_relu_max_pool2d_backward      gradients from those codes
 #include "ops/conv2d_relu_max_pool2d.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -49,12 +49,12 @@ void check_matches_input(
 
 }  // namespace
 
-ConvPoolParams make_conv_pool_params(
+Conv2dReluMaxPool2dParams make_conv2d_relu_max_pool2d_params(
     c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode) {
-  ConvPoolParams p{
+  Conv2dReluMaxPool2dParams p{
       pair_arg(stride, "stride"),
       pair_arg(padding, "padding"),
       pair_arg(dilation, "dilation"),
@@ -82,9 +82,9 @@ ConvPoolParams make_conv_pool_params(
   return p;
 }
 
-ConvPoolShape check_conv_pool_inputs(
+Conv2dReluMaxPool2dShape check_conv2d_relu_max_pool2d_inputs(
     const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const ConvPoolParams& p) {
+    const std::optional<at::Tensor>& bias, const Conv2dReluMaxPool2dParams& p) {
   TORCH_CHECK(
       input.dim() == 4, kOp, ": `input` must be 4-D (N, C, H, W), got ",
       input.dim(), "-D with shape ", input.sizes());
@@ -96,7 +96,7 @@ ConvPoolShape check_conv_pool_inputs(
   check_floating(input, "input");
   check_matches_input(weight, "weight", input);
 
-  ConvPoolShape s{};
+  Conv2dReluMaxPool2dShape s{};
   s.batch = input.size(0);
   s.in_channels = input.size(1);
   s.in_h = input.size(2);
@@ -150,10 +150,10 @@ ConvPoolShape check_conv_pool_inputs(
   return s;
 }
 
-void check_conv_pool_backward_inputs(
-    const at::Tensor& grad_output, const at::Tensor& indices,
-    const at::Tensor& input, const ConvPoolShape& s,
-    const ConvPoolParams& p) {
+void check_conv2d_relu_max_pool2d_backward_inputs(
+    const at::Tensor& grad_output, const at::Tensor& codes,
+    const at::Tensor& input, const Conv2dReluMaxPool2dShape& s,
+    const Conv2dReluMaxPool2dParams& p) {
   const std::array<int64_t, 4> pooled{
       s.batch, s.out_channels, s.pooled_h, s.pooled_w};
   TORCH_CHECK(
@@ -162,16 +162,16 @@ void check_conv_pool_backward_inputs(
       grad_output.sizes());
   check_matches_input(grad_output, "grad_output", input);
   TORCH_CHECK(
-      indices.sizes() == c10::IntArrayRef(pooled), kOp,
-      ": `indices` must have shape ", c10::IntArrayRef(pooled), ", got ",
-      indices.sizes());
+      codes.sizes() == c10::IntArrayRef(pooled), kOp,
+      ": `codes` must have shape ", c10::IntArrayRef(pooled), ", got ",
+      codes.sizes());
   TORCH_CHECK_TYPE(
-      indices.scalar_type() == argmax_code_dtype(p), kOp,
-      ": `indices` must have dtype ", argmax_code_dtype(p), ", got ",
-      indices.scalar_type());
+      codes.scalar_type() == argmax_code_dtype(p), kOp,
+      ": `codes` must have dtype ", argmax_code_dtype(p), ", got ",
+      codes.scalar_type());
   TORCH_CHECK(
-      indices.device() == input.device(), kOp, ": `indices` is on ",
-      indices.device(), " but `input` is on ", input.device());
+      codes.device() == input.device(), kOp, ": `codes` is on ", codes.device(),
+      " but `input` is on ", input.device());
 }
 
 ForwardTensors prepare_forward(
@@ -181,10 +181,10 @@ ForwardTensors prepare_forward(
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
   ForwardTensors t;
-  t.params = make_conv_pool_params(
+  t.params = make_conv2d_relu_max_pool2d_params(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, ceil_mode);
-  t.shape = check_conv_pool_inputs(input, weight, bias, t.params);
+  t.shape = check_conv2d_relu_max_pool2d_inputs(input, weight, bias, t.params);
   t.input = input.contiguous();
   t.weight = weight.contiguous();
   if (bias.has_value() && bias->defined()) {
@@ -203,21 +203,21 @@ ForwardTensors prepare_forward(
 
 BackwardTensors prepare_backward(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& weight, const at::Tensor& codes, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
   BackwardTensors t;
-  t.params = make_conv_pool_params(
+  t.params = make_conv2d_relu_max_pool2d_params(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, ceil_mode);
-  t.shape = check_conv_pool_inputs(input, weight, std::nullopt, t.params);
-  check_conv_pool_backward_inputs(
-      grad_output, indices, input, t.shape, t.params);
+  t.shape = check_conv2d_relu_max_pool2d_inputs(
+      input, weight, std::nullopt, t.params);
+  check_conv2d_relu_max_pool2d_backward_inputs(
+      grad_output, codes, input, t.shape, t.params);
   t.grad_output = grad_output.contiguous();
-  t.codes = indices.contiguous();
+  t.codes = codes.contiguous();
   t.input = input.contiguous();
   t.weight = weight.contiguous();
   if (output_mask[0]) {
@@ -233,13 +233,13 @@ BackwardTensors prepare_backward(
 }
 
 geometry::PoolGeometry pool_geometry(
-    const ConvPoolShape& s, const ConvPoolParams& p) {
+    const Conv2dReluMaxPool2dShape& s, const Conv2dReluMaxPool2dParams& p) {
   return {p.pool_kernel[0],  p.pool_kernel[1],  p.pool_stride[0],
           p.pool_stride[1],  p.pool_padding[0], p.pool_padding[1],
           s.pooled_h,        s.pooled_w};
 }
 
-at::ScalarType argmax_code_dtype(const ConvPoolParams& p) {
+at::ScalarType argmax_code_dtype(const Conv2dReluMaxPool2dParams& p) {
   return geometry::argmax_code_fits_uint8(p.pool_kernel[0], p.pool_kernel[1])
       ? at::kByte
       : at::kInt;
@@ -260,7 +260,7 @@ at::Tensor conv2d_relu_max_pool2d(
       pool_kernel_size, pool_stride, pool_padding, ceil_mode);
 }
 
-std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices(
+std::tuple<at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_with_codes(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
@@ -268,27 +268,26 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices(
     c10::IntArrayRef pool_padding, bool ceil_mode) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ptfast::conv2d_relu_max_pool2d_with_indices", "")
-          .typed<decltype(conv2d_relu_max_pool2d_with_indices)>();
+          .findSchemaOrThrow("ptfast::_conv2d_relu_max_pool2d_with_codes", "")
+          .typed<decltype(_conv2d_relu_max_pool2d_with_codes)>();
   return op.call(
       input, weight, bias, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& weight, const at::Tensor& codes, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ptfast::conv2d_relu_max_pool2d_backward", "")
-          .typed<decltype(conv2d_relu_max_pool2d_backward)>();
+          .findSchemaOrThrow("ptfast::_conv2d_relu_max_pool2d_backward", "")
+          .typed<decltype(_conv2d_relu_max_pool2d_backward)>();
   return op.call(
-      grad_output, input, weight, indices, stride, padding, dilation, groups,
+      grad_output, input, weight, codes, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
 }
 
@@ -299,13 +298,13 @@ TORCH_LIBRARY_FRAGMENT(ptfast, m) {
       "int[2] pool_kernel_size, int[2] pool_stride, int[2] pool_padding, "
       "bool ceil_mode) -> Tensor");
   m.def(
-      "conv2d_relu_max_pool2d_with_indices(Tensor input, Tensor weight, "
+      "_conv2d_relu_max_pool2d_with_codes(Tensor input, Tensor weight, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int[2] pool_kernel_size, int[2] pool_stride, "
       "int[2] pool_padding, bool ceil_mode) -> (Tensor, Tensor)");
   m.def(
-      "conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor input, "
-      "Tensor weight, Tensor indices, int[2] stride, int[2] padding, "
+      "_conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor codes, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int[2] pool_kernel_size, "
       "int[2] pool_stride, int[2] pool_padding, bool ceil_mode, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -15,7 +15,7 @@
 namespace ptfast::ops {
 
 // The non-tensor arguments of the operator, each a (height, width) pair.
-struct ConvPoolParams {
+struct Conv2dReluMaxPool2dParams {
   std::array<int64_t, 2> stride;
   std::array<int64_t, 2> padding;
   std::array<int64_t, 2> dilation;
@@ -27,7 +27,7 @@ struct ConvPoolParams {
 };
 
 // Every size a kernel needs, derived once from the tensors and the params.
-struct ConvPoolShape {
+struct Conv2dReluMaxPool2dShape {
   int64_t batch;
   int64_t in_channels;
   int64_t in_h, in_w;
@@ -36,21 +36,22 @@ struct ConvPoolShape {
   int64_t conv_h, conv_w;
   int64_t pooled_h, pooled_w;
 
-  int64_t in_channels_per_group(const ConvPoolParams& p) const {
+  int64_t in_channels_per_group(const Conv2dReluMaxPool2dParams& p) const {
     return in_channels / p.groups;
   }
-  int64_t out_channels_per_group(const ConvPoolParams& p) const {
+  int64_t out_channels_per_group(const Conv2dReluMaxPool2dParams& p) const {
     return out_channels / p.groups;
   }
 };
 
 // The pooling part of the geometry, for geometry::gather_gradient.
 geometry::PoolGeometry pool_geometry(
-    const ConvPoolShape& shape, const ConvPoolParams& params);
+    const Conv2dReluMaxPool2dShape& shape,
+    const Conv2dReluMaxPool2dParams& params);
 
 // Validates the list arguments (two entries each, positive where required)
 // and packs them. Errors name the offending argument.
-ConvPoolParams make_conv_pool_params(
+Conv2dReluMaxPool2dParams make_conv2d_relu_max_pool2d_params(
     c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
@@ -58,21 +59,22 @@ ConvPoolParams make_conv_pool_params(
 
 // Validates the tensors against each other and the params, and returns the
 // shape of the whole computation. Errors name the offending argument.
-ConvPoolShape check_conv_pool_inputs(
+Conv2dReluMaxPool2dShape check_conv2d_relu_max_pool2d_inputs(
     const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const ConvPoolParams& params);
+    const std::optional<at::Tensor>& bias,
+    const Conv2dReluMaxPool2dParams& params);
 
 // Validates the extra tensors the backward receives.
-void check_conv_pool_backward_inputs(
-    const at::Tensor& grad_output, const at::Tensor& indices,
-    const at::Tensor& input, const ConvPoolShape& shape,
-    const ConvPoolParams& params);
+void check_conv2d_relu_max_pool2d_backward_inputs(
+    const at::Tensor& grad_output, const at::Tensor& codes,
+    const at::Tensor& input, const Conv2dReluMaxPool2dShape& shape,
+    const Conv2dReluMaxPool2dParams& params);
 
 // What a backend's forward kernel works on: the validated arguments, the
 // tensors made contiguous and the outputs allocated.
 struct ForwardTensors {
-  ConvPoolParams params;
-  ConvPoolShape shape;
+  Conv2dReluMaxPool2dParams params;
+  Conv2dReluMaxPool2dShape shape;
   at::Tensor input, weight, bias;  // contiguous; bias undefined if none
   at::Tensor output;               // (N, OC, PH, PW)
   at::Tensor codes;                // like output, or undefined if not asked
@@ -88,17 +90,16 @@ ForwardTensors prepare_forward(
 // The same for a backward kernel; each gradient is allocated (not filled)
 // when its output_mask entry is set, and left undefined otherwise.
 struct BackwardTensors {
-  ConvPoolParams params;
-  ConvPoolShape shape;
+  Conv2dReluMaxPool2dParams params;
+  Conv2dReluMaxPool2dShape shape;
   at::Tensor grad_output, codes, input, weight;  // contiguous
   at::Tensor grad_input, grad_weight, grad_bias;
 };
 
 BackwardTensors prepare_backward(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& weight, const at::Tensor& codes, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask);
@@ -111,11 +112,11 @@ using BackendForward = std::tuple<at::Tensor, at::Tensor> (*)(
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes);
 
-// The kernels a backend registers for the public op and the op with indices,
+// The kernels a backend registers for the public op and the op with codes,
 // both from its one forward.
 template <BackendForward forward>
 struct ForwardKernels {
-  static at::Tensor without_indices(
+  static at::Tensor without_codes(
       const at::Tensor& input, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
       c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
@@ -127,7 +128,7 @@ struct ForwardKernels {
         /*with_codes=*/false));
   }
 
-  static std::tuple<at::Tensor, at::Tensor> with_indices(
+  static std::tuple<at::Tensor, at::Tensor> with_codes(
       const at::Tensor& input, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
       c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
@@ -148,23 +149,22 @@ at::Tensor conv2d_relu_max_pool2d(
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode);
 
-std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_indices(
+std::tuple<at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_with_codes(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    c10::IntArrayRef stride, c10::IntArrayRef padding,
-    c10::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& weight, const at::Tensor& codes, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask);
 
 // uint8 when every arg-max code of a pooling window fits, int32 otherwise.
-at::ScalarType argmax_code_dtype(const ConvPoolParams& params);
+at::ScalarType argmax_code_dtype(const Conv2dReluMaxPool2dParams& params);
 
 }  // namespace ptfast::ops

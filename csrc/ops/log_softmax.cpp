@@ -16,12 +16,12 @@ at::Tensor log_softmax(const at::Tensor& self, int64_t dim) {
   return op.call(self, dim);
 }
 
-at::Tensor log_softmax_backward(
+at::Tensor _log_softmax_backward(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ptfast::log_softmax_backward", "")
-          .typed<decltype(log_softmax_backward)>();
+          .findSchemaOrThrow("ptfast::_log_softmax_backward", "")
+          .typed<decltype(_log_softmax_backward)>();
   return op.call(grad_output, output, dim);
 }
 
@@ -70,7 +70,7 @@ int64_t check_log_softmax_backward_input(
 TORCH_LIBRARY_FRAGMENT(ptfast, m) {
   m.def("log_softmax(Tensor self, int dim) -> Tensor");
   m.def(
-      "log_softmax_backward(Tensor grad_output, Tensor output, int dim) "
+      "_log_softmax_backward(Tensor grad_output, Tensor output, int dim) "
       "-> Tensor");
 }
 

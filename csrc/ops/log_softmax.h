@@ -8,7 +8,7 @@ namespace ptfast::ops {
 
 at::Tensor log_softmax(const at::Tensor& self, int64_t dim);
 
-at::Tensor log_softmax_backward(
+at::Tensor _log_softmax_backward(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim);
 
 // Checks shared by every backend. Each returns `dim` wrapped into

@@ -4,7 +4,7 @@
 // output for windows of fewer than 255 elements); the conv output itself is
 // never kept. The backward asks only for the gradients that are needed.
 // Differentiating the backward again is not supported: the backward op and
-// the op with indices are registered with autograd's not-implemented
+// the op with codes are registered with autograd's not-implemented
 // fallback, which raises a clear error naming the op.
 #include "ops/conv2d_relu_max_pool2d.h"
 
@@ -18,8 +18,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-class ConvReluMaxPoolFunction
-    : public torch::autograd::Function<ConvReluMaxPoolFunction> {
+class Conv2dReluMaxPool2dFunction
+    : public torch::autograd::Function<Conv2dReluMaxPool2dFunction> {
  public:
   static at::Tensor forward(
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
@@ -28,7 +28,7 @@ class ConvReluMaxPoolFunction
       c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
       c10::IntArrayRef pool_padding, bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, codes] = conv2d_relu_max_pool2d_with_indices(
+    auto [output, codes] = _conv2d_relu_max_pool2d_with_codes(
         input, weight, bias, stride, padding, dilation, groups,
         pool_kernel_size, pool_stride, pool_padding, ceil_mode);
     ctx->save_for_backward({input, weight, codes});
@@ -52,7 +52,7 @@ class ConvReluMaxPoolFunction
         ctx->needs_input_grad(0), ctx->needs_input_grad(1),
         data.at("has_bias").toBool() && ctx->needs_input_grad(2)};
     auto [grad_input, grad_weight, grad_bias] =
-        conv2d_relu_max_pool2d_backward(
+        _conv2d_relu_max_pool2d_backward(
             grad_outputs[0], saved[0], saved[1], saved[2],
             data.at("stride").toIntVector(), data.at("padding").toIntVector(),
             data.at("dilation").toIntVector(), data.at("groups").toInt(),
@@ -83,9 +83,9 @@ at::Tensor conv2d_relu_max_pool2d_autograd(
         input, weight, bias, stride, padding, dilation, groups,
         pool_kernel_size, pool_stride, pool_padding, ceil_mode);
   }
-  return ConvReluMaxPoolFunction::apply(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode);
+  return Conv2dReluMaxPool2dFunction::apply(
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode);
 }
 
 }  // namespace
@@ -93,10 +93,10 @@ at::Tensor conv2d_relu_max_pool2d_autograd(
 TORCH_LIBRARY_IMPL(ptfast, Autograd, m) {
   m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_autograd);
   m.impl(
-      "conv2d_relu_max_pool2d_with_indices",
+      "_conv2d_relu_max_pool2d_with_codes",
       torch::autograd::autogradNotImplementedFallback());
   m.impl(
-      "conv2d_relu_max_pool2d_backward",
+      "_conv2d_relu_max_pool2d_backward",
       torch::autograd::autogradNotImplementedFallback());
 }
 

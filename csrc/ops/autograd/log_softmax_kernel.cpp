@@ -30,7 +30,7 @@ class LogSoftmaxFunction
       AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     return {
-        ops::log_softmax_backward(
+        ops::_log_softmax_backward(
             grad_outputs[0], saved[0], ctx->saved_data.at("dim").toInt()),
         at::Tensor()};
   }
@@ -45,7 +45,7 @@ at::Tensor log_softmax_autograd(const at::Tensor& self, int64_t dim) {
 TORCH_LIBRARY_IMPL(ptfast, Autograd, m) {
   m.impl("log_softmax", &log_softmax_autograd);
   m.impl(
-      "log_softmax_backward",
+      "_log_softmax_backward",
       torch::autograd::autogradNotImplementedFallback());
 }
 

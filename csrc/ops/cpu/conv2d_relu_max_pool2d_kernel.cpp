@@ -19,15 +19,15 @@
 
 namespace ptfast::cpu {
 
-IsaDispatch<ConvPoolForwardFn> conv_pool_forward_stub;
-IsaDispatch<ConvPoolBackwardFn> conv_pool_backward_stub;
+IsaDispatch<Conv2dReluMaxPool2dForwardFn> conv2d_relu_max_pool2d_forward_stub;
+IsaDispatch<Conv2dReluMaxPool2dBackwardFn> conv2d_relu_max_pool2d_backward_stub;
 
 namespace {
 
 // (N, OC, conv_h * conv_w) bool: conv outputs whose gradient is zero.
 at::Tensor conv_positions_without_gradient(
-    const at::Tensor& codes, const ops::ConvPoolShape& s,
-    const ops::ConvPoolParams& p) {
+    const at::Tensor& codes, const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
   const at::Tensor code = codes.to(at::kLong);
   const at::Tensor position = (code - 1).clamp_min(0);
   const auto options = code.options();
@@ -56,7 +56,8 @@ at::Tensor conv_positions_without_gradient(
 void propagate_non_finite_like_native(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& codes,
     const at::Tensor& grad_input, const at::Tensor& grad_weight,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+    const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
   const int64_t in_group = s.in_channels_per_group(p);
   const int64_t out_group = s.out_channels_per_group(p);
   const int64_t taps = in_group * s.kernel_h * s.kernel_w;
@@ -116,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
   check_cpu_dtype(t.input);
   if (t.output.numel() > 0) {
-    conv_pool_forward_stub.get("conv2d_relu_max_pool2d")(
+    conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
         {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
   }
   return {t.output, t.codes};
@@ -125,13 +126,13 @@ std::tuple<at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 conv2d_relu_max_pool2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, at::IntArrayRef pool_kernel_size,
-    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
+    const at::Tensor& weight, const at::Tensor& codes, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
   auto t = ops::prepare_backward(
-      grad_output, input, weight, indices, stride, padding, dilation, groups,
+      grad_output, input, weight, codes, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
   check_cpu_dtype(t.input);
   if (t.shape.batch == 0) {
@@ -144,7 +145,7 @@ conv2d_relu_max_pool2d_backward_cpu(
   }
   bool input_non_finite = false;
   bool weight_non_finite = false;
-  conv_pool_backward_stub.get("conv2d_relu_max_pool2d_backward")(
+  conv2d_relu_max_pool2d_backward_stub.get("_conv2d_relu_max_pool2d_backward")(
       {t.grad_output, t.codes, t.input, t.weight, t.grad_input, t.grad_weight,
        t.grad_bias, t.shape, t.params, &input_non_finite, &weight_non_finite});
   if (input_non_finite || weight_non_finite) {
@@ -160,13 +161,12 @@ conv2d_relu_max_pool2d_backward_cpu(
 
 TORCH_LIBRARY_IMPL(ptfast, CPU, m) {
   m.impl(
-      "conv2d_relu_max_pool2d",
-      &ops::ForwardKernels<&forward>::without_indices);
+      "conv2d_relu_max_pool2d", &ops::ForwardKernels<&forward>::without_codes);
   m.impl(
-      "conv2d_relu_max_pool2d_with_indices",
-      &ops::ForwardKernels<&forward>::with_indices);
+      "_conv2d_relu_max_pool2d_with_codes",
+      &ops::ForwardKernels<&forward>::with_codes);
   m.impl(
-      "conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward_cpu);
+      "_conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward_cpu);
 }
 
 }  // namespace ptfast::cpu

@@ -8,17 +8,17 @@
 
 namespace ptfast::cpu {
 
-struct ConvPoolForwardArgs {
+struct Conv2dReluMaxPool2dForwardArgs {
   const at::Tensor& input;   // (N, C, H, W)
   const at::Tensor& weight;  // (OC, C / groups, KH, KW)
   const at::Tensor& bias;    // (OC,) or undefined
   const at::Tensor& output;  // (N, OC, PH, PW), written
   const at::Tensor& codes;   // arg-max codes like output, or undefined
-  const ops::ConvPoolShape& shape;
-  const ops::ConvPoolParams& params;
+  const ops::Conv2dReluMaxPool2dShape& shape;
+  const ops::Conv2dReluMaxPool2dParams& params;
 };
 
-struct ConvPoolBackwardArgs {
+struct Conv2dReluMaxPool2dBackwardArgs {
   const at::Tensor& grad_output;  // (N, OC, PH, PW)
   const at::Tensor& codes;        // arg-max codes from the forward
   const at::Tensor& input;
@@ -26,8 +26,8 @@ struct ConvPoolBackwardArgs {
   const at::Tensor& grad_input;   // written, or undefined if not needed
   const at::Tensor& grad_weight;  // written, or undefined if not needed
   const at::Tensor& grad_bias;    // written, or undefined if not needed
-  const ops::ConvPoolShape& shape;
-  const ops::ConvPoolParams& params;
+  const ops::Conv2dReluMaxPool2dShape& shape;
+  const ops::Conv2dReluMaxPool2dParams& params;
   // Set when grad_weight is computed and `input` holds an inf or NaN, and
   // when grad_input is computed and `weight` does: the kernel sees that for
   // free while it stages them.
@@ -35,10 +35,14 @@ struct ConvPoolBackwardArgs {
   bool* weight_non_finite;
 };
 
-using ConvPoolForwardFn = void (*)(const ConvPoolForwardArgs&);
-using ConvPoolBackwardFn = void (*)(const ConvPoolBackwardArgs&);
+using Conv2dReluMaxPool2dForwardFn =
+    void (*)(const Conv2dReluMaxPool2dForwardArgs&);
+using Conv2dReluMaxPool2dBackwardFn =
+    void (*)(const Conv2dReluMaxPool2dBackwardArgs&);
 
-extern IsaDispatch<ConvPoolForwardFn> conv_pool_forward_stub;
-extern IsaDispatch<ConvPoolBackwardFn> conv_pool_backward_stub;
+extern IsaDispatch<Conv2dReluMaxPool2dForwardFn>
+    conv2d_relu_max_pool2d_forward_stub;
+extern IsaDispatch<Conv2dReluMaxPool2dBackwardFn>
+    conv2d_relu_max_pool2d_backward_stub;
 
 }  // namespace ptfast::cpu

@@ -41,7 +41,7 @@ at::Tensor log_softmax_backward_cpu(
   const at::Tensor out = output.contiguous();
   at::Tensor grad_input = at::empty(out.sizes(), out.options());
   if (out.numel() > 0) {
-    log_softmax_backward_stub.get("log_softmax_backward")(
+    log_softmax_backward_stub.get("_log_softmax_backward")(
         grad, out, grad_input, wrapped);
   }
   return grad_input;
@@ -51,7 +51,7 @@ at::Tensor log_softmax_backward_cpu(
 
 TORCH_LIBRARY_IMPL(ptfast, CPU, m) {
   m.impl("log_softmax", &log_softmax_cpu);
-  m.impl("log_softmax_backward", &log_softmax_backward_cpu);
+  m.impl("_log_softmax_backward", &log_softmax_backward_cpu);
 }
 
 }  // namespace ptfast::cpu

@@ -40,7 +40,9 @@ struct Dims {
   geo::PoolGeometry pool;
 };
 
-Dims make_dims(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+Dims make_dims(
+    const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
   return {s.batch,          s.in_channels,     s.in_h,
           s.in_w,           s.out_channels,    s.kernel_h,
           s.kernel_w,       s.conv_h,          s.conv_w,
@@ -300,14 +302,14 @@ std::tuple<at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
 conv2d_relu_max_pool2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& indices,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, at::IntArrayRef pool_kernel_size,
-    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
+    const at::Tensor& weight, const at::Tensor& codes, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto t = ops::prepare_backward(
-      grad_output, input, weight, indices, stride, padding, dilation, groups,
+      grad_output, input, weight, codes, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
   const Dims dims = make_dims(t.shape, t.params);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -347,13 +349,12 @@ conv2d_relu_max_pool2d_backward_cuda(
 
 TORCH_LIBRARY_IMPL(ptfast, CUDA, m) {
   m.impl(
-      "conv2d_relu_max_pool2d",
-      &ops::ForwardKernels<&forward>::without_indices);
+      "conv2d_relu_max_pool2d", &ops::ForwardKernels<&forward>::without_codes);
   m.impl(
-      "conv2d_relu_max_pool2d_with_indices",
-      &ops::ForwardKernels<&forward>::with_indices);
+      "_conv2d_relu_max_pool2d_with_codes",
+      &ops::ForwardKernels<&forward>::with_codes);
   m.impl(
-      "conv2d_relu_max_pool2d_backward",
+      "_conv2d_relu_max_pool2d_backward",
       &conv2d_relu_max_pool2d_backward_cuda);
 }
 

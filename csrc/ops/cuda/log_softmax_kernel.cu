@@ -390,7 +390,7 @@ at::Tensor log_softmax_backward_cuda(
 
 TORCH_LIBRARY_IMPL(ptfast, CUDA, m) {
   m.impl("log_softmax", &log_softmax_cuda);
-  m.impl("log_softmax_backward", &log_softmax_backward_cuda);
+  m.impl("_log_softmax_backward", &log_softmax_backward_cuda);
 }
 
 }  // namespace ptfast::cuda

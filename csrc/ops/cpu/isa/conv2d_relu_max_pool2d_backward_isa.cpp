@@ -59,7 +59,7 @@ struct BackwardPlan {
   int64_t partial_size;
   bool need_input, need_weight, need_bias;
 
-  explicit BackwardPlan(const ConvPoolBackwardArgs& a) {
+  explicit BackwardPlan(const Conv2dReluMaxPool2dBackwardArgs& a) {
     using Vec = at::vec::Vectorized<scalar_t>;
     const auto& s = a.shape;
     in_group = s.in_channels_per_group(a.params);
@@ -112,7 +112,8 @@ bool has_non_finite(const scalar_t* values, int64_t count) {
 // a cache line, which halves the cost of their loads.
 template <typename scalar_t>
 at::Tensor weight_rows(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan) {
   const auto& s = a.shape;
   const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
   at::Tensor rows_tensor =
@@ -280,8 +281,8 @@ class ChunkPartials {
 // OC, C, KH, KW) and grad_bias, output channels in parallel.
 template <typename scalar_t, typename acc_t>
 void write_weight_and_bias_gradients(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan,
-    const ChunkPartials<acc_t>& partials) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan, const ChunkPartials<acc_t>& partials) {
   const auto& s = a.shape;
   const int64_t bias_offset = s.out_channels * plan.weight_size;
   scalar_t* grad_weight =
@@ -326,12 +327,13 @@ void write_weight_and_bias_gradients(
 // group)` for each image and group of a chunk, returning whether the input
 // it staged holds an inf or NaN, and `finish_chunk(buffers, partial)` after
 // a chunk's images; then the chunks' sums into grad_weight and grad_bias.
-template <typename scalar_t, typename MakeBuffers, typename Image,
-          typename FinishChunk>
+template <
+    typename scalar_t, typename MakeBuffers, typename Image,
+    typename FinishChunk>
 void run_in_chunks(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan,
-    const MakeBuffers& make_buffers, const Image& image,
-    const FinishChunk& finish_chunk) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan, const MakeBuffers& make_buffers,
+    const Image& image, const FinishChunk& finish_chunk) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const auto& s = a.shape;
   ChunkPartials<acc_t> partials(plan.chunks, plan.partial_size);
@@ -529,7 +531,8 @@ struct RegisterRows {
 // Whether the disjoint-window path can take these arguments.
 template <typename scalar_t>
 bool disjoint_windows_path_applies(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const auto& p = a.params;
   const int64_t row_vectors = plan.row_pitch / Vec::size();
@@ -676,10 +679,12 @@ void add_input_gradient(
 // - grad_input: for each conv position, the weight rows of every channel
 //   whose arg-max it is, times that channel's grad, summed in registers and
 //   added to the staged grad_input once per position.
-template <typename scalar_t, typename code_t, int kRowVectors, int kRows,
-          bool kHalfRows = false>
+template <
+    typename scalar_t, typename code_t, int kRowVectors, int kRows,
+    bool kHalfRows = false>
 void backward_disjoint_windows(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const auto& s = a.shape;
   const auto& p = a.params;
@@ -881,7 +886,8 @@ void collect_active_positions(
 // grad_input and one for grad_weight.
 template <typename scalar_t, typename code_t>
 void backward_general(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const auto& s = a.shape;
   const auto& p = a.params;
@@ -1004,7 +1010,8 @@ void backward_general(
 // they fit one (a single input channel).
 template <typename scalar_t, typename code_t, int kRows>
 void backward_one_vector_rows(
-    const ConvPoolBackwardArgs& a, const BackwardPlan<scalar_t>& plan) {
+    const Conv2dReluMaxPool2dBackwardArgs& a,
+    const BackwardPlan<scalar_t>& plan) {
   using Vec = at::vec::Vectorized<scalar_t>;
   if constexpr (kHasHalfLoads<scalar_t>) {
     if (plan.row_length <= Vec::size() / 2) {
@@ -1016,7 +1023,7 @@ void backward_one_vector_rows(
 }
 
 template <typename scalar_t, typename code_t>
-void backward_typed(const ConvPoolBackwardArgs& a) {
+void backward_typed(const Conv2dReluMaxPool2dBackwardArgs& a) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const BackwardPlan<scalar_t> plan(a);
   if (!disjoint_windows_path_applies(a, plan)) {
@@ -1048,7 +1055,8 @@ void backward_typed(const ConvPoolBackwardArgs& a) {
   }
 }
 
-void conv_pool_backward(const ConvPoolBackwardArgs& args) {
+void conv2d_relu_max_pool2d_backward_kernel(
+    const Conv2dReluMaxPool2dBackwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(
       args.input.scalar_type(), "conv2d_relu_max_pool2d_backward_cpu", [&] {
         dispatch_code_type(args.codes.scalar_type(), [&](auto code) {
@@ -1059,6 +1067,8 @@ void conv_pool_backward(const ConvPoolBackwardArgs& args) {
 
 }  // namespace
 
-PTFAST_REGISTER_ISA_KERNEL(conv_pool_backward_stub, &conv_pool_backward);
+PTFAST_REGISTER_ISA_KERNEL(
+    conv2d_relu_max_pool2d_backward_stub,
+    &conv2d_relu_max_pool2d_backward_kernel);
 
 }  // namespace ptfast::cpu

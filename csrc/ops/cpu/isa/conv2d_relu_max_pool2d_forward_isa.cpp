@@ -50,8 +50,8 @@ struct StagedLayout {
   int64_t plane_stride;  // plane_size and the pooling's -inf sentinel
 
   StagedLayout(
-      const ops::ConvPoolShape& s, const ops::ConvPoolParams& p,
-      int64_t channels)
+      const ops::Conv2dReluMaxPool2dShape& s,
+      const ops::Conv2dReluMaxPool2dParams& p, int64_t channels)
       : padded_h(s.in_h + 2 * p.padding[0]),
         channel_size(padded_h * s.conv_w),
         column_size(channels * channel_size),
@@ -158,7 +158,8 @@ void conv_planes(
     scalar_t* planes, const scalar_t* source, const scalar_t* weight,
     const scalar_t* bias, int64_t block, int64_t channels,
     const std::vector<int64_t>& tap_offsets, const StagedLayout& layout,
-    const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+    const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
   const int64_t taps = s.kernel_h * s.kernel_w;
   const ConvBlockInputs<scalar_t> in{
       source, layout.channel_size, channels, weight, channels * taps,
@@ -199,8 +200,8 @@ void conv_planes(
 template <typename scalar_t>
 void stage_shifted_columns(
     scalar_t* staged, const scalar_t* input, int64_t channels,
-    const StagedLayout& layout, const ops::ConvPoolShape& s,
-    const ops::ConvPoolParams& p) {
+    const StagedLayout& layout, const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
   using Vec = at::vec::Vectorized<scalar_t>;
   for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
     // Conv column ow reads input column ow * stride_w + first, which lies in
@@ -242,7 +243,7 @@ void stage_shifted_columns(
 }
 
 template <typename scalar_t, typename code_t>
-void forward_typed(const ConvPoolForwardArgs& a) {
+void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
   const auto& s = a.shape;
   const auto& p = a.params;
   const int64_t in_group = s.in_channels_per_group(p);
@@ -319,7 +320,8 @@ void forward_typed(const ConvPoolForwardArgs& a) {
       });
 }
 
-void conv_pool_forward(const ConvPoolForwardArgs& args) {
+void conv2d_relu_max_pool2d_forward_kernel(
+    const Conv2dReluMaxPool2dForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(
       args.input.scalar_type(), "conv2d_relu_max_pool2d_cpu", [&] {
         dispatch_code_type(
@@ -331,6 +333,8 @@ void conv_pool_forward(const ConvPoolForwardArgs& args) {
 
 }  // namespace
 
-PTFAST_REGISTER_ISA_KERNEL(conv_pool_forward_stub, &conv_pool_forward);
+PTFAST_REGISTER_ISA_KERNEL(
+    conv2d_relu_max_pool2d_forward_stub,
+    &conv2d_relu_max_pool2d_forward_kernel);
 
 }  // namespace ptfast::cpu

@@ -49,7 +49,9 @@ struct PoolTable {
   int64_t taps;          // window size; tap t has arg-max code t + 1
   std::vector<index_t> index;  // (taps, padded_cells): conv-plane index
 
-  PoolTable(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  PoolTable(
+      const ops::Conv2dReluMaxPool2dShape& s,
+      const ops::Conv2dReluMaxPool2dParams& p) {
     using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t sentinel = s.conv_h * s.conv_w;
     TORCH_CHECK(
@@ -428,7 +430,8 @@ struct PoolRowTable {
   // were faster (block 2's 4-wide rows on AVX-512: 375 vs 440 us at batch
   // 64; on AVX2 they fill half a vector and both ways measured the same).
   static std::optional<PoolRowTable> build(
-      const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+      const ops::Conv2dReluMaxPool2dShape& s,
+      const ops::Conv2dReluMaxPool2dParams& p) {
     constexpr int64_t lanes = Vec::size();
     PoolRowTable table;
     table.kernel = p.pool_kernel[0];
@@ -541,7 +544,9 @@ struct PlanePooling {
   std::optional<PoolRowTable<scalar_t>> rows;
   std::optional<PoolTable<scalar_t>> gathers;
 
-  PlanePooling(const ops::ConvPoolShape& s, const ops::ConvPoolParams& p) {
+  PlanePooling(
+      const ops::Conv2dReluMaxPool2dShape& s,
+      const ops::Conv2dReluMaxPool2dParams& p) {
     if constexpr (kHasSelectLanes<scalar_t>) {
       rows = PoolRowTable<scalar_t>::build(s, p);
       if (rows) {
