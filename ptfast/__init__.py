@@ -5,6 +5,7 @@
     ptfast.nn                       the same as drop-in modules
     ptfast.fuse                     rewrite a model's conv/ReLU/max-pool chains and log_softmax to them (torch.fx)
     ptfast.models                   ready-made models (MnistCNN)
+    ptfast.backends                 settings, e.g. which CPU path serves the fused block
 
 The operators are also reachable as ``torch.ops.ptfast.*``.
 """
@@ -13,11 +14,11 @@ import torch  # noqa: F401  (loads libtorch, which ptfast._C links against)
 
 from ptfast import _C  # noqa: F401  (loads the library that registers the operators)
 from ptfast import _fake  # noqa: F401  (registers their fake implementations)
-from ptfast import nn
+from ptfast import backends, nn
 from ptfast.functional import conv2d_relu_max_pool2d, log_softmax
 from ptfast._fuse import FuseError, fuse
 from ptfast import models
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d_relu_max_pool2d", "log_softmax", "nn", "fuse", "FuseError", "models", "__version__"]
+__all__ = ["conv2d_relu_max_pool2d", "log_softmax", "nn", "backends", "fuse", "FuseError", "models", "__version__"]

@@ -82,3 +82,10 @@ def dtype(request) -> torch.dtype:
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(params=["direct", "vendor"], scope="module")
+def conv_block(request) -> str:
+    """Runs every test of a module on each CPU path of the fused block (ptfast.backends.cpu.conv_block)."""
+    with ptfast.backends.cpu.flags(conv_block=request.param):
+        yield request.param

@@ -11,6 +11,9 @@ import ptfast
 from conftest import DEVICES, assert_block_matches_native, block_inputs, make_data, native_block
 from ptfast._shapes import conv_output_size, pool_output_size
 
+# The whole module runs on both CPU paths of the fused block, direct and vendor.
+pytestmark = pytest.mark.usefixtures("conv_block")
+
 BASE = dict(n=2, c=3, oc=4, h=10, w=9, kernel=3, groups=1, bias=True)
 
 # (id, shape overrides, op keyword arguments)

@@ -1,11 +1,17 @@
 // CPU dispatch-key kernels of the fused conv2d -> ReLU -> max_pool2d
-// operator: validate, lay out and allocate, then run the best vectorised
-// copy of the kernel for this CPU (csrc/ops/cpu/isa/).
+// operator: validate, lay out and allocate, choose the direct or the vendor
+// path (conv2d_relu_max_pool2d_path.h), then run the best vectorised copy of
+// the kernels for this CPU (csrc/ops/cpu/isa/).
 #include "ops/cpu/conv2d_relu_max_pool2d_kernel.h"
+#include "ops/cpu/conv2d_relu_max_pool2d_path.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/col2im.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/im2col.h>
 #include <ATen/ops/isfinite.h>
@@ -13,16 +19,21 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <limits>
-
 #include <tuple>
 
 namespace ptfast::cpu {
 
 IsaDispatch<Conv2dReluMaxPool2dForwardFn> conv2d_relu_max_pool2d_forward_stub;
 IsaDispatch<Conv2dReluMaxPool2dBackwardFn> conv2d_relu_max_pool2d_backward_stub;
+IsaDispatch<Conv2dReluMaxPool2dEpilogueFn> conv2d_relu_max_pool2d_epilogue_stub;
 
 namespace {
+
+// Roughly how many conv outputs make a task worth a thread of its own.
+constexpr int64_t kGrainValues = 1 << 14;
 
 // (N, OC, conv_h * conv_w) bool: conv outputs whose gradient is zero.
 at::Tensor conv_positions_without_gradient(
@@ -106,6 +117,19 @@ void check_cpu_dtype(const at::Tensor& input) {
       input.scalar_type());
 }
 
+// The vendor forward: ATen's convolution (oneDNN), then the epilogue. The
+// conv output is scratch, freed on return.
+void vendor_forward(const ops::ForwardTensors& t) {
+  const auto& p = t.params;
+  const at::Tensor conv = at::convolution(
+                              t.input, t.weight, t.bias, p.stride, p.padding,
+                              p.dilation, /*transposed=*/false,
+                              /*output_padding=*/{0, 0}, p.groups)
+                              .contiguous();
+  conv2d_relu_max_pool2d_epilogue_stub.get("conv2d_relu_max_pool2d_epilogue")(
+      {conv, t.output, t.codes, t.shape, t.params});
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -116,11 +140,105 @@ std::tuple<at::Tensor, at::Tensor> forward(
       input, weight, bias, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
   check_cpu_dtype(t.input);
-  if (t.output.numel() > 0) {
+  if (t.output.numel() == 0) {
+    return {t.output, t.codes};
+  }
+  if (choose_path(t.shape, t.params, ConvBlockPass::kForward) ==
+      ConvBlockPath::kVendor) {
+    vendor_forward(t);
+  } else {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
         {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
   }
   return {t.output, t.codes};
+}
+
+// The conv-output gradient the native composite forms: each pooled
+// output's gradient at its window's arg-max, zero elsewhere (and wherever
+// the code says ReLU blocked the window). Overlapping windows add in pooled
+// row-major order, the order of max_pool2d's own backward, so the sums are
+// bitwise the native ones. Codes that do not name a tap of their window
+// inside the conv plane (only a caller of the raw op can pass those) raise
+// an error instead of writing out of bounds.
+template <typename scalar_t, typename code_t>
+void conv_output_gradient_typed(
+    const at::Tensor& grad_output, const at::Tensor& codes,
+    const at::Tensor& grad_conv, const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
+  const int64_t plane_size = s.conv_h * s.conv_w;
+  const int64_t pooled_size = s.pooled_h * s.pooled_w;
+  const int64_t taps = p.pool_kernel[0] * p.pool_kernel[1];
+  const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
+  const code_t* code = codes.const_data_ptr<code_t>();
+  scalar_t* dense = grad_conv.mutable_data_ptr<scalar_t>();
+  std::atomic<bool> bad_code{false};
+  at::parallel_for(
+      0, s.batch * s.out_channels,
+      std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, plane_size)),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t index = begin; index < end; ++index) {
+          scalar_t* plane = dense + index * plane_size;
+          std::fill(plane, plane + plane_size, scalar_t(0));
+          const scalar_t* plane_grad = grad + index * pooled_size;
+          const code_t* plane_code = code + index * pooled_size;
+          for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+            for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+              const int64_t cell = ph * s.pooled_w + pw;
+              const int64_t c = static_cast<int64_t>(plane_code[cell]);
+              if (c == geometry::kNoGradient) {
+                continue;
+              }
+              int64_t dy = 0;
+              int64_t dx = 0;
+              geometry::decode_argmax(c, p.pool_kernel[1], dy, dx);
+              const int64_t oh = ph * p.pool_stride[0] - p.pool_padding[0] + dy;
+              const int64_t ow = pw * p.pool_stride[1] - p.pool_padding[1] + dx;
+              if (c < 0 || c > taps || oh < 0 || oh >= s.conv_h || ow < 0 ||
+                  ow >= s.conv_w) {
+                bad_code.store(true, std::memory_order_relaxed);
+                continue;
+              }
+              plane[oh * s.conv_w + ow] += plane_grad[cell];
+            }
+          }
+        }
+      });
+  TORCH_CHECK(
+      !bad_code.load(),
+      "ptfast.conv2d_relu_max_pool2d: `codes` holds a code "
+      "that names no tap of its pooling window inside the conv output (codes "
+      "must come from _conv2d_relu_max_pool2d_with_codes with the same "
+      "arguments)");
+}
+
+// The vendor backward: the dense conv-output gradient, then ATen's
+// convolution_backward (oneDNN) for exactly the gradients asked for. Like
+// native eager, its weight and bias gradients are the same from run to run
+// but may differ in the last bits with the number of threads: oneDNN splits
+// their reduction over the batch by thread (README, "Limits").
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
+    const ops::BackwardTensors& t, std::array<bool, 3> output_mask) {
+  const auto& s = t.shape;
+  const auto& p = t.params;
+  at::Tensor grad_conv = at::empty(
+      {s.batch, s.out_channels, s.conv_h, s.conv_w}, t.grad_output.options());
+  AT_DISPATCH_FLOATING_TYPES(
+      t.grad_output.scalar_type(), "conv2d_relu_max_pool2d_conv_gradient", [&] {
+        if (t.codes.scalar_type() == at::kByte) {
+          conv_output_gradient_typed<scalar_t, uint8_t>(
+              t.grad_output, t.codes, grad_conv, s, p);
+        } else {
+          conv_output_gradient_typed<scalar_t, int32_t>(
+              t.grad_output, t.codes, grad_conv, s, p);
+        }
+      });
+  const std::array<int64_t, 1> bias_sizes{s.out_channels};
+  return at::convolution_backward(
+      grad_conv, t.input, t.weight,
+      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes)
+                     : at::OptionalIntArrayRef(),
+      p.stride, p.padding, p.dilation, /*transposed=*/false,
+      /*output_padding=*/{0, 0}, p.groups, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
@@ -143,6 +261,10 @@ conv2d_relu_max_pool2d_backward_cpu(
     }
     return {t.grad_input, t.grad_weight, t.grad_bias};
   }
+  if (choose_path(t.shape, t.params, ConvBlockPass::kBackward) ==
+      ConvBlockPath::kVendor) {
+    return vendor_backward(t, output_mask);
+  }
   bool input_non_finite = false;
   bool weight_non_finite = false;
   conv2d_relu_max_pool2d_backward_stub.get("_conv2d_relu_max_pool2d_backward")(
@@ -157,7 +279,37 @@ conv2d_relu_max_pool2d_backward_cpu(
   return {t.grad_input, t.grad_weight, t.grad_bias};
 }
 
+// The path a CPU call with these arguments takes (1 direct, 2 vendor), for
+// ptfast.backends.cpu.conv_block_path. Only shapes are read, so it takes
+// meta tensors.
+int64_t conv_block_path(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode, bool backward) {
+  const auto params = ops::make_conv2d_relu_max_pool2d_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  const auto shape = ops::check_conv2d_relu_max_pool2d_inputs(
+      input, weight, std::nullopt, params);
+  return static_cast<int64_t>(choose_path(
+      shape, params,
+      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ptfast, m) {
+  m.def(
+      "_conv2d_relu_max_pool2d_cpu_path(Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int[2] pool_kernel_size, int[2] pool_stride, int[2] pool_padding, "
+      "bool ceil_mode, bool backward) -> int");
+}
+
+TORCH_LIBRARY_IMPL(ptfast, CompositeExplicitAutograd, m) {
+  m.impl("_conv2d_relu_max_pool2d_cpu_path", &conv_block_path);
+}
 
 TORCH_LIBRARY_IMPL(ptfast, CPU, m) {
   m.impl(

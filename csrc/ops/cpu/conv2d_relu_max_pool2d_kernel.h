@@ -1,6 +1,11 @@
 // Entry points of the vectorised CPU kernels of the fused
 // conv2d -> ReLU -> max_pool2d operator (csrc/ops/cpu/isa/), one copy per
 // instruction set. Tensors arrive validated, contiguous and allocated.
+//
+// The direct path computes the whole block (forward and backward) itself;
+// the vendor path takes the convolution from ATen (oneDNN) and runs only the
+// epilogue here (see conv2d_relu_max_pool2d_path.h for which path serves a
+// call).
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
@@ -35,14 +40,28 @@ struct Conv2dReluMaxPool2dBackwardArgs {
   bool* weight_non_finite;
 };
 
+// The vendor path's forward after ATen's convolution: ReLU, max-pooling
+// and arg-max codes in one pass over the conv output.
+struct Conv2dReluMaxPool2dEpilogueArgs {
+  const at::Tensor& conv;    // (N, OC, conv_h, conv_w), bias included
+  const at::Tensor& output;  // (N, OC, PH, PW), written
+  const at::Tensor& codes;   // arg-max codes like output, or undefined
+  const ops::Conv2dReluMaxPool2dShape& shape;
+  const ops::Conv2dReluMaxPool2dParams& params;
+};
+
 using Conv2dReluMaxPool2dForwardFn =
     void (*)(const Conv2dReluMaxPool2dForwardArgs&);
 using Conv2dReluMaxPool2dBackwardFn =
     void (*)(const Conv2dReluMaxPool2dBackwardArgs&);
+using Conv2dReluMaxPool2dEpilogueFn =
+    void (*)(const Conv2dReluMaxPool2dEpilogueArgs&);
 
 extern IsaDispatch<Conv2dReluMaxPool2dForwardFn>
     conv2d_relu_max_pool2d_forward_stub;
 extern IsaDispatch<Conv2dReluMaxPool2dBackwardFn>
     conv2d_relu_max_pool2d_backward_stub;
+extern IsaDispatch<Conv2dReluMaxPool2dEpilogueFn>
+    conv2d_relu_max_pool2d_epilogue_stub;
 
 }  // namespace ptfast::cpu
