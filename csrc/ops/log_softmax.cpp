@@ -1,5 +1,6 @@
 // Schemas of log_softmax and its backward.
 #include "ops/log_softmax.h"
+#include "ops/checks.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -29,12 +30,6 @@ namespace {
 
 constexpr const char* kOp = "ptfast.log_softmax";
 
-void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(tensor.scalar_type()), kOp, ": `", name,
-      "` must be a floating-point tensor, got ", tensor.scalar_type());
-}
-
 int64_t wrap_dim(int64_t dim, const at::Tensor& tensor) {
   const int64_t rank = std::max<int64_t>(tensor.dim(), 1);
   TORCH_CHECK_INDEX(
@@ -46,13 +41,13 @@ int64_t wrap_dim(int64_t dim, const at::Tensor& tensor) {
 }  // namespace
 
 int64_t check_log_softmax_input(const at::Tensor& self, int64_t dim) {
-  check_floating(self, "self");
+  check_floating(kOp, self, "self");
   return wrap_dim(dim, self);
 }
 
 int64_t check_log_softmax_backward_input(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  check_floating(output, "output");
+  check_floating(kOp, output, "output");
   TORCH_CHECK(
       grad_output.sizes() == output.sizes(), kOp,
       ": `grad_output` must have the shape of `output` ", output.sizes(),

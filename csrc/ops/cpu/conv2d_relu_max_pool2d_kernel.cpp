@@ -2,6 +2,7 @@
 // operator: validate, lay out and allocate, then run the best vectorised
 // copy of the kernel for this CPU (csrc/ops/cpu/isa/).
 #include "ops/cpu/conv2d_relu_max_pool2d_kernel.h"
+#include "ops/checks.h"
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
@@ -23,6 +24,8 @@ IsaDispatch<Conv2dReluMaxPool2dForwardFn> conv2d_relu_max_pool2d_forward_stub;
 IsaDispatch<Conv2dReluMaxPool2dBackwardFn> conv2d_relu_max_pool2d_backward_stub;
 
 namespace {
+
+constexpr const char* kOp = "ptfast.conv2d_relu_max_pool2d";
 
 // (N, OC, conv_h * conv_w) bool: conv outputs whose gradient is zero.
 at::Tensor conv_positions_without_gradient(
@@ -98,14 +101,6 @@ void propagate_non_finite_like_native(
   }
 }
 
-void check_cpu_dtype(const at::Tensor& input) {
-  TORCH_CHECK_TYPE(
-      input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-      "ptfast.conv2d_relu_max_pool2d: `input` must be float32 or float64 on "
-      "CPU, got ",
-      input.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -115,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
   const auto t = ops::prepare_forward(
       input, weight, bias, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
-  check_cpu_dtype(t.input);
+  ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.output.numel() > 0) {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
         {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
@@ -134,7 +129,7 @@ conv2d_relu_max_pool2d_backward_cpu(
   auto t = ops::prepare_backward(
       grad_output, input, weight, codes, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
-  check_cpu_dtype(t.input);
+  ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.shape.batch == 0) {
     for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
       if (grad->defined()) {

@@ -2,6 +2,7 @@
 // then run the best vectorised copy of the kernel for this CPU
 // (csrc/ops/cpu/isa/).
 #include "ops/cpu/log_softmax_kernel.h"
+#include "ops/checks.h"
 #include "ops/log_softmax.h"
 
 #include <ATen/ops/empty.h>
@@ -14,16 +15,11 @@ IsaDispatch<LogSoftmaxBackwardFn> log_softmax_backward_stub;
 
 namespace {
 
-void check_cpu_dtype(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kDouble,
-      "ptfast.log_softmax: `", name, "` must be float32 or float64 on CPU, got ",
-      tensor.scalar_type());
-}
+constexpr const char* kOp = "ptfast.log_softmax";
 
 at::Tensor log_softmax_cpu(const at::Tensor& self, int64_t dim) {
   const int64_t wrapped = ops::check_log_softmax_input(self, dim);
-  check_cpu_dtype(self, "self");
+  ops::check_cpu_dtype(kOp, self, "self");
   const at::Tensor input = self.contiguous();
   at::Tensor output = at::empty(input.sizes(), input.options());
   if (input.numel() > 0) {
@@ -36,7 +32,7 @@ at::Tensor log_softmax_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
   const int64_t wrapped =
       ops::check_log_softmax_backward_input(grad_output, output, dim);
-  check_cpu_dtype(output, "output");
+  ops::check_cpu_dtype(kOp, output, "output");
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor out = output.contiguous();
   at::Tensor grad_input = at::empty(out.sizes(), out.options());
