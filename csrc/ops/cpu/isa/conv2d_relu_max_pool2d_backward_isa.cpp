@@ -1059,7 +1059,7 @@ void conv2d_relu_max_pool2d_backward_kernel(
     const Conv2dReluMaxPool2dBackwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(
       args.input.scalar_type(), "conv2d_relu_max_pool2d_backward_cpu", [&] {
-        dispatch_code_type(args.codes.scalar_type(), [&](auto code) {
+        ops::dispatch_code_type(args.codes.scalar_type(), [&](auto code) {
           backward_typed<scalar_t, decltype(code)>(args);
         });
       });
