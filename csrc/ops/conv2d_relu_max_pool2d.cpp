@@ -6,6 +6,7 @@
 //                                        backward needs (see geometry.h)
 //   _conv2d_relu_max_pool2d_backward      gradients from those codes
 #include "ops/conv2d_relu_max_pool2d.h"
+#include "ops/checks.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -28,12 +29,6 @@ void check_positive(const std::array<int64_t, 2>& values, const char* name) {
   TORCH_CHECK(
       values[0] > 0 && values[1] > 0, kOp, ": `", name,
       "` must be positive, got ", c10::IntArrayRef(values));
-}
-
-void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(tensor.scalar_type()), kOp, ": `", name,
-      "` must be a floating-point tensor, got ", tensor.scalar_type());
 }
 
 void check_matches_input(
@@ -93,7 +88,7 @@ Conv2dReluMaxPool2dShape check_conv2d_relu_max_pool2d_inputs(
       ": `weight` must be 4-D (out_channels, in_channels / groups, kH, kW), "
       "got shape ",
       weight.sizes());
-  check_floating(input, "input");
+  check_floating(kOp, input, "input");
   check_matches_input(weight, "weight", input);
 
   Conv2dReluMaxPool2dShape s{};

@@ -167,4 +167,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
 // uint8 when every arg-max code of a pooling window fits, int32 otherwise.
 at::ScalarType argmax_code_dtype(const Conv2dReluMaxPool2dParams& params);
 
+// Runs fn(code_t{}) with the arg-max code type the forward chose. A plain
+// template, for the CPU kernels and the CUDA ones (nvcc) alike.
+template <typename Fn>
+void dispatch_code_type(at::ScalarType code_type, const Fn& fn) {
+  if (code_type == at::kByte) {
+    fn(uint8_t{});
+  } else {
+    fn(int32_t{});
+  }
+}
+
 }  // namespace ptfast::ops

@@ -1,7 +1,10 @@
-// Schemas of log_softmax and its backward.
+// Schemas of log_softmax and its backward, and the argument checks and
+// allocation shared by their backends.
 #include "ops/log_softmax.h"
+#include "ops/checks.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -29,12 +32,6 @@ namespace {
 
 constexpr const char* kOp = "ptfast.log_softmax";
 
-void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(tensor.scalar_type()), kOp, ": `", name,
-      "` must be a floating-point tensor, got ", tensor.scalar_type());
-}
-
 int64_t wrap_dim(int64_t dim, const at::Tensor& tensor) {
   const int64_t rank = std::max<int64_t>(tensor.dim(), 1);
   TORCH_CHECK_INDEX(
@@ -43,16 +40,28 @@ int64_t wrap_dim(int64_t dim, const at::Tensor& tensor) {
   return dim < 0 ? dim + rank : dim;
 }
 
+LogSoftmaxLayout layout_of(const at::Tensor& tensor, int64_t dim) {
+  const auto sizes = tensor.sizes();
+  LogSoftmaxLayout layout{1, tensor.dim() == 0 ? 1 : sizes[dim], 1};
+  for (int64_t d = 0; d < dim; ++d) {
+    layout.outer *= sizes[d];
+  }
+  for (int64_t d = dim + 1; d < tensor.dim(); ++d) {
+    layout.inner *= sizes[d];
+  }
+  return layout;
+}
+
 }  // namespace
 
 int64_t check_log_softmax_input(const at::Tensor& self, int64_t dim) {
-  check_floating(self, "self");
+  check_floating(kOp, self, "self");
   return wrap_dim(dim, self);
 }
 
 int64_t check_log_softmax_backward_input(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  check_floating(output, "output");
+  check_floating(kOp, output, "output");
   TORCH_CHECK(
       grad_output.sizes() == output.sizes(), kOp,
       ": `grad_output` must have the shape of `output` ", output.sizes(),
@@ -65,6 +74,26 @@ int64_t check_log_softmax_backward_input(
       grad_output.device() == output.device(), kOp, ": `grad_output` is on ",
       grad_output.device(), " but `output` is on ", output.device());
   return wrap_dim(dim, output);
+}
+
+LogSoftmaxTensors prepare_log_softmax(const at::Tensor& self, int64_t dim) {
+  LogSoftmaxTensors t;
+  t.dim = check_log_softmax_input(self, dim);
+  t.input = self.contiguous();
+  t.output = at::empty(t.input.sizes(), t.input.options());
+  t.layout = layout_of(t.input, t.dim);
+  return t;
+}
+
+LogSoftmaxBackwardTensors prepare_log_softmax_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
+  LogSoftmaxBackwardTensors t;
+  t.dim = check_log_softmax_backward_input(grad_output, output, dim);
+  t.grad_output = grad_output.contiguous();
+  t.output = output.contiguous();
+  t.grad_input = at::empty(t.output.sizes(), t.output.options());
+  t.layout = layout_of(t.output, t.dim);
+  return t;
 }
 
 TORCH_LIBRARY_FRAGMENT(ptfast, m) {

@@ -3,6 +3,7 @@
 // path (conv2d_relu_max_pool2d_path.h), then run the best vectorised copy of
 // the kernels for this CPU (csrc/ops/cpu/isa/).
 #include "ops/cpu/conv2d_relu_max_pool2d_kernel.h"
+#include "ops/checks.h"
 #include "ops/cpu/conv2d_relu_max_pool2d_path.h"
 
 #include <ATen/Dispatch.h>
@@ -31,6 +32,8 @@ IsaDispatch<Conv2dReluMaxPool2dBackwardFn> conv2d_relu_max_pool2d_backward_stub;
 IsaDispatch<Conv2dReluMaxPool2dEpilogueFn> conv2d_relu_max_pool2d_epilogue_stub;
 
 namespace {
+
+constexpr const char* kOp = "ptfast.conv2d_relu_max_pool2d";
 
 // Roughly how many conv outputs make a task worth a thread of its own.
 constexpr int64_t kGrainValues = 1 << 14;
@@ -109,14 +112,6 @@ void propagate_non_finite_like_native(
   }
 }
 
-void check_cpu_dtype(const at::Tensor& input) {
-  TORCH_CHECK_TYPE(
-      input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-      "ptfast.conv2d_relu_max_pool2d: `input` must be float32 or float64 on "
-      "CPU, got ",
-      input.scalar_type());
-}
-
 // The vendor forward: ATen's convolution (oneDNN), then the epilogue. The
 // conv output is scratch, freed on return.
 void vendor_forward(const ops::ForwardTensors& t) {
@@ -139,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
   const auto t = ops::prepare_forward(
       input, weight, bias, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
-  check_cpu_dtype(t.input);
+  ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.output.numel() == 0) {
     return {t.output, t.codes};
   }
@@ -224,13 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
       {s.batch, s.out_channels, s.conv_h, s.conv_w}, t.grad_output.options());
   AT_DISPATCH_FLOATING_TYPES(
       t.grad_output.scalar_type(), "conv2d_relu_max_pool2d_conv_gradient", [&] {
-        if (t.codes.scalar_type() == at::kByte) {
-          conv_output_gradient_typed<scalar_t, uint8_t>(
+        ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
+          conv_output_gradient_typed<scalar_t, decltype(code)>(
               t.grad_output, t.codes, grad_conv, s, p);
-        } else {
-          conv_output_gradient_typed<scalar_t, int32_t>(
-              t.grad_output, t.codes, grad_conv, s, p);
-        }
+        });
       });
   const std::array<int64_t, 1> bias_sizes{s.out_channels};
   return at::convolution_backward(
@@ -252,7 +244,7 @@ conv2d_relu_max_pool2d_backward_cpu(
   auto t = ops::prepare_backward(
       grad_output, input, weight, codes, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
-  check_cpu_dtype(t.input);
+  ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.shape.batch == 0) {
     for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
       if (grad->defined()) {

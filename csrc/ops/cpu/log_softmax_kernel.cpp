@@ -1,10 +1,9 @@
-// CPU dispatch-key kernels of log_softmax: validate, lay out and allocate,
-// then run the best vectorised copy of the kernel for this CPU
-// (csrc/ops/cpu/isa/).
+// CPU dispatch-key kernels of log_softmax: validate, lay out and allocate
+// (ops::prepare_log_softmax*), then run the best vectorised copy of the kernel
+// for this CPU (csrc/ops/cpu/isa/).
 #include "ops/cpu/log_softmax_kernel.h"
-#include "ops/log_softmax.h"
+#include "ops/checks.h"
 
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace ptfast::cpu {
@@ -14,37 +13,25 @@ IsaDispatch<LogSoftmaxBackwardFn> log_softmax_backward_stub;
 
 namespace {
 
-void check_cpu_dtype(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_TYPE(
-      tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kDouble,
-      "ptfast.log_softmax: `", name, "` must be float32 or float64 on CPU, got ",
-      tensor.scalar_type());
-}
+constexpr const char* kOp = "ptfast.log_softmax";
 
 at::Tensor log_softmax_cpu(const at::Tensor& self, int64_t dim) {
-  const int64_t wrapped = ops::check_log_softmax_input(self, dim);
-  check_cpu_dtype(self, "self");
-  const at::Tensor input = self.contiguous();
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  if (input.numel() > 0) {
-    log_softmax_forward_stub.get("log_softmax")(input, output, wrapped);
+  const auto t = ops::prepare_log_softmax(self, dim);
+  ops::check_cpu_dtype(kOp, t.input, "self");
+  if (t.input.numel() > 0) {
+    log_softmax_forward_stub.get("log_softmax")(t);
   }
-  return output;
+  return t.output;
 }
 
 at::Tensor log_softmax_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  const int64_t wrapped =
-      ops::check_log_softmax_backward_input(grad_output, output, dim);
-  check_cpu_dtype(output, "output");
-  const at::Tensor grad = grad_output.contiguous();
-  const at::Tensor out = output.contiguous();
-  at::Tensor grad_input = at::empty(out.sizes(), out.options());
-  if (out.numel() > 0) {
-    log_softmax_backward_stub.get("_log_softmax_backward")(
-        grad, out, grad_input, wrapped);
+  const auto t = ops::prepare_log_softmax_backward(grad_output, output, dim);
+  ops::check_cpu_dtype(kOp, t.output, "output");
+  if (t.output.numel() > 0) {
+    log_softmax_backward_stub.get("_log_softmax_backward")(t);
   }
-  return grad_input;
+  return t.grad_input;
 }
 
 }  // namespace

@@ -254,15 +254,6 @@ __global__ void grad_bias_kernel(
   }
 }
 
-template <typename Fn>
-void dispatch_code_type(at::ScalarType code_type, const Fn& fn) {
-  if (code_type == at::kByte) {
-    fn(uint8_t{});
-  } else {
-    fn(int32_t{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -281,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_cuda", [&] {
-        dispatch_code_type(
+        ops::dispatch_code_type(
             ops::argmax_code_dtype(t.params), [&](auto code) {
               using code_t = decltype(code);
               forward_kernel<scalar_t, code_t>
@@ -316,7 +307,7 @@ conv2d_relu_max_pool2d_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_backward_cuda", [&] {
-        dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
+        ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
           using code_t = decltype(code);
           const scalar_t* grad = t.grad_output.const_data_ptr<scalar_t>();
           const code_t* codes = t.codes.const_data_ptr<code_t>();

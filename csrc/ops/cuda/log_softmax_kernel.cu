@@ -14,7 +14,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,21 +28,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxWarpRow = 1024;
-
-struct Layout {
-  int64_t outer, dim_size, inner;
-};
-
-Layout layout_of(const at::Tensor& tensor, int64_t dim) {
-  Layout l{1, tensor.dim() == 0 ? 1 : tensor.size(dim), 1};
-  for (int64_t d = 0; d < dim; ++d) {
-    l.outer *= tensor.size(d);
-  }
-  for (int64_t d = dim + 1; d < tensor.dim(); ++d) {
-    l.inner *= tensor.size(d);
-  }
-  return l;
-}
 
 // Running (max, sum of exp(x - max)) of a set of values.
 template <typename acc_t>
@@ -262,7 +246,7 @@ __global__ void backward_long_rows_kernel(
 template <typename scalar_t>
 __global__ void forward_inner_kernel(
     const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-    Layout l) {
+    ops::LogSoftmaxLayout l) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
        column < l.outer * l.inner;
@@ -286,7 +270,7 @@ template <typename scalar_t>
 __global__ void backward_inner_kernel(
     const scalar_t* __restrict__ grad_output,
     const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_input,
-    Layout l) {
+    ops::LogSoftmaxLayout l) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
        column < l.outer * l.inner;
@@ -320,19 +304,17 @@ int64_t grid_for(int64_t items, int64_t per_block) {
 }
 
 at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
-  const int64_t wrapped = ops::check_log_softmax_input(self, dim);
   const c10::cuda::CUDAGuard device_guard(self.device());
-  const at::Tensor input = self.contiguous();
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  if (input.numel() == 0) {
-    return output;
+  const auto t = ops::prepare_log_softmax(self, dim);
+  if (t.input.numel() == 0) {
+    return t.output;
   }
-  const Layout l = layout_of(input, wrapped);
+  const ops::LogSoftmaxLayout& l = t.layout;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "log_softmax_cuda", [&] {
-        const scalar_t* x = input.const_data_ptr<scalar_t>();
-        scalar_t* y = output.mutable_data_ptr<scalar_t>();
+      at::kHalf, at::kBFloat16, t.input.scalar_type(), "log_softmax_cuda", [&] {
+        const scalar_t* x = t.input.const_data_ptr<scalar_t>();
+        scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
         if (l.inner > 1) {
           forward_inner_kernel<<<grid_for(l.outer * l.inner, kThreads),
                                  kThreads, 0, stream>>>(x, y, l);
@@ -347,28 +329,24 @@ at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return output;
+  return t.output;
 }
 
 at::Tensor log_softmax_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  const int64_t wrapped =
-      ops::check_log_softmax_backward_input(grad_output, output, dim);
   const c10::cuda::CUDAGuard device_guard(output.device());
-  const at::Tensor grad = grad_output.contiguous();
-  const at::Tensor out = output.contiguous();
-  at::Tensor grad_input = at::empty(out.sizes(), out.options());
-  if (out.numel() == 0) {
-    return grad_input;
+  const auto t = ops::prepare_log_softmax_backward(grad_output, output, dim);
+  if (t.output.numel() == 0) {
+    return t.grad_input;
   }
-  const Layout l = layout_of(out, wrapped);
+  const ops::LogSoftmaxLayout& l = t.layout;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, out.scalar_type(), "log_softmax_backward_cuda",
-      [&] {
-        const scalar_t* dy = grad.const_data_ptr<scalar_t>();
-        const scalar_t* y = out.const_data_ptr<scalar_t>();
-        scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+      at::kHalf, at::kBFloat16, t.output.scalar_type(),
+      "log_softmax_backward_cuda", [&] {
+        const scalar_t* dy = t.grad_output.const_data_ptr<scalar_t>();
+        const scalar_t* y = t.output.const_data_ptr<scalar_t>();
+        scalar_t* dx = t.grad_input.mutable_data_ptr<scalar_t>();
         if (l.inner > 1) {
           backward_inner_kernel<<<grid_for(l.outer * l.inner, kThreads),
                                   kThreads, 0, stream>>>(dy, y, dx, l);
@@ -383,7 +361,7 @@ at::Tensor log_softmax_backward_cuda(
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return grad_input;
+  return t.grad_input;
 }
 
 }  // namespace

@@ -56,9 +56,9 @@ void conv2d_relu_max_pool2d_epilogue_kernel(
     const Conv2dReluMaxPool2dEpilogueArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(
       args.conv.scalar_type(), "conv2d_relu_max_pool2d_epilogue_cpu", [&] {
-        dispatch_code_type(ops::argmax_code_dtype(args.params), [&](auto code) {
-          epilogue_typed<scalar_t, decltype(code)>(args);
-        });
+        ops::dispatch_code_type(
+            ops::argmax_code_dtype(args.params),
+            [&](auto code) { epilogue_typed<scalar_t, decltype(code)>(args); });
       });
 }
 

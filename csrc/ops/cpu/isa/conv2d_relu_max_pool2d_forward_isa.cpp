@@ -324,10 +324,9 @@ void conv2d_relu_max_pool2d_forward_kernel(
     const Conv2dReluMaxPool2dForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(
       args.input.scalar_type(), "conv2d_relu_max_pool2d_cpu", [&] {
-        dispatch_code_type(
-            ops::argmax_code_dtype(args.params), [&](auto code) {
-              forward_typed<scalar_t, decltype(code)>(args);
-            });
+        ops::dispatch_code_type(
+            ops::argmax_code_dtype(args.params),
+            [&](auto code) { forward_typed<scalar_t, decltype(code)>(args); });
       });
 }
 

@@ -32,22 +32,6 @@ namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
 
-struct Layout {
-  int64_t outer, dim_size, inner;
-};
-
-Layout layout_of(const at::Tensor& tensor, int64_t dim) {
-  const auto sizes = tensor.sizes();
-  Layout layout{1, tensor.dim() == 0 ? 1 : sizes[dim], 1};
-  for (int64_t d = 0; d < dim; ++d) {
-    layout.outer *= sizes[d];
-  }
-  for (int64_t d = dim + 1; d < tensor.dim(); ++d) {
-    layout.inner *= sizes[d];
-  }
-  return layout;
-}
-
 // The first `count` lanes from `data`, the others set to `fill`.
 template <typename scalar_t>
 at::vec::Vectorized<scalar_t> load_partial(
@@ -218,7 +202,8 @@ void forward_last_dim(
 constexpr int kInnerVectors = 4;
 
 template <typename scalar_t>
-void forward_inner(const scalar_t* input, scalar_t* output, Layout l) {
+void forward_inner(
+    const scalar_t* input, scalar_t* output, ops::LogSoftmaxLayout l) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
   constexpr int64_t kWidth = kInnerVectors * Vec::size();
@@ -324,7 +309,7 @@ constexpr int64_t kInnerBlock = 1536;
 template <typename scalar_t>
 void backward_inner(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
-    Layout l, bool streaming) {
+    ops::LogSoftmaxLayout l, bool streaming) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t blocks = (l.inner + kInnerBlock - 1) / kInnerBlock;
   at::parallel_for(
@@ -361,12 +346,11 @@ void backward_inner(
       });
 }
 
-void log_softmax_forward(
-    const at::Tensor& input, const at::Tensor& output, int64_t dim) {
-  const Layout l = layout_of(input, dim);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "log_softmax_cpu", [&] {
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+void log_softmax_forward(const ops::LogSoftmaxTensors& t) {
+  const ops::LogSoftmaxLayout& l = t.layout;
+  AT_DISPATCH_FLOATING_TYPES(t.input.scalar_type(), "log_softmax_cpu", [&] {
+    const scalar_t* x = t.input.const_data_ptr<scalar_t>();
+    scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
     if (l.inner == 1) {
       forward_last_dim(x, y, l.outer, l.dim_size);
     } else {
@@ -375,20 +359,19 @@ void log_softmax_forward(
   });
 }
 
-void log_softmax_backward(
-    const at::Tensor& grad_output, const at::Tensor& output,
-    const at::Tensor& grad_input, int64_t dim) {
-  const Layout l = layout_of(output, dim);
+void log_softmax_backward(const ops::LogSoftmaxBackwardTensors& t) {
+  const ops::LogSoftmaxLayout& l = t.layout;
   AT_DISPATCH_FLOATING_TYPES(
-      output.scalar_type(), "log_softmax_backward_cpu", [&] {
-        const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
-        const scalar_t* y = output.const_data_ptr<scalar_t>();
-        scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+      t.output.scalar_type(), "log_softmax_backward_cpu", [&] {
+        const scalar_t* dy = t.grad_output.const_data_ptr<scalar_t>();
+        const scalar_t* y = t.output.const_data_ptr<scalar_t>();
+        scalar_t* dx = t.grad_input.mutable_data_ptr<scalar_t>();
         if (l.inner == 1) {
           backward_last_dim(
-              dy, y, dx, l.outer, l.dim_size, use_streaming_stores(grad_input));
+              dy, y, dx, l.outer, l.dim_size,
+              use_streaming_stores(t.grad_input));
         } else {
-          backward_inner(dy, y, dx, l, use_streaming_stores(grad_input));
+          backward_inner(dy, y, dx, l, use_streaming_stores(t.grad_input));
         }
       });
 }
