@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptfast.benchmark.cases import IMPLEMENTATIONS, SELECTIONS, all_cases, select_cases
-from ptfast.benchmark.timing import keep_freed_memory_mapped
+from ptfast.apps.bench.cases import IMPLEMENTATIONS, SELECTIONS, all_cases, select_cases
+from ptfast.apps.bench.timing import keep_freed_memory_mapped
 
 IS_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -33,9 +33,10 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_cli_smoke_writes_the_report(tmp_path: Path):
     out = tmp_path / "results"
-    result = _run([sys.executable, "-m", "ptfast.benchmark", "--smoke", "--device", "cpu", "--out", str(out)], tmp_path)
+    result = _run([sys.executable, "-m", "ptfast.apps.bench", "--smoke", "--device", "cpu", "--out", str(out)], tmp_path)
     assert "vs eager" in result.stdout and "vs compile" in result.stdout
 
     document = json.loads((out / "results.json").read_text())
@@ -72,6 +73,7 @@ def test_cli_smoke_writes_the_report(tmp_path: Path):
         assert all(f"]({plot.name})" in markdown for plot in plots)
 
 
+@pytest.mark.slow
 def test_pytest_benchmarks_smoke(tmp_path: Path):
     env = {**os.environ, "PTFAST_BENCH_SET": "smoke"}
     result = subprocess.run(
@@ -100,7 +102,7 @@ def test_only_pattern(pattern: str, expected: bool):
 
 def test_block_flops_count_the_convolutions():
     """2 FLOPs per multiply-add: MNIST block 1 at batch 1 is 10 channels x 24x24 outputs x 25 taps."""
-    from ptfast.benchmark.cases import block_shapes
+    from ptfast.apps.bench.cases import block_shapes
 
     block1, block2 = (next(s for s in block_shapes("quick") if s.label == label and s.batch == 1)
                       for label in ("mnist1", "mnist2"))

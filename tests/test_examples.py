@@ -6,7 +6,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from test_train import _tiny_dataset
+import pytest
+
+from common_utils import tiny_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -48,7 +50,7 @@ def test_softmax_regression_uses_ptfast_log_softmax(capsys, monkeypatch):
 
 
 def test_mnist_cnn(tmp_path, capsys):
-    root = _tiny_dataset(tmp_path / "data", n_train=256, n_test=50)
+    root = tiny_dataset(tmp_path / "data", n_train=256, n_test=50)
     argv = ["--data-root", str(root), "--epochs", "3", "--batch-size", "16", "--lr", "0.05"]
     loss, accuracy = _run("mnist_cnn", argv)
     out = capsys.readouterr().out
@@ -56,6 +58,7 @@ def test_mnist_cnn(tmp_path, capsys):
     assert accuracy >= 0.5  # the tiny set's classes are easy: training did something
 
 
+@pytest.mark.slow
 def test_examples_run_as_scripts(tmp_path):
     """One real `python examples/x.py` run, as the docstrings say."""
     import subprocess

@@ -131,6 +131,7 @@ def test_dropout_masks_follow_the_seed():
     assert not torch.allclose(out[0], out[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_fifty_sgd_steps_match_native(dtype):
     native_losses, native = train_losses(seeded(Net, dtype=dtype), dtype)

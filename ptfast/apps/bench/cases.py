@@ -1,6 +1,6 @@
 """The benchmark cases: what is timed, at which shapes, and the code of each implementation.
 
-Both front ends, ``ptfast-bench`` (``ptfast.benchmark.cli``) and the
+Both front ends, ``ptfast-bench`` (``ptfast.apps.bench.cli``) and the
 pytest-benchmark files under ``benchmarks/``, take their cases from here, so
 every shape is written down once.
 

@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from ptfast.benchmark.cases import Case, CaseUnavailable
-from ptfast.benchmark.timing import TimingSettings, describe_error, time_interleaved
+from ptfast.apps.bench.cases import Case, CaseUnavailable
+from ptfast.apps.bench.timing import TimingSettings, describe_error, time_interleaved
 
 
 @dataclass
