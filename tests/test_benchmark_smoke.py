@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ptfast.apps.bench.cases import IMPLEMENTATIONS, SELECTIONS, all_cases, select_cases
+from ptfast.apps.bench.cli import main
 from ptfast.apps.bench.timing import keep_freed_memory_mapped
 
 IS_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -136,3 +137,33 @@ def test_freed_memory_stays_mapped_for_the_next_tensor():
     assert allocated.hblkhd == before.hblkhd
     assert freed.arena == allocated.arena
     assert freed.fordblks >= 48 << 20
+
+
+def _user_error(argv: list[str], capsys) -> str:
+    """ptfast-bench's main(argv) must end as argparse ends on its own errors: status 2, `ptfast-bench: error: ...`."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ptfast-bench") and "ptfast-bench: error: " in err, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_user_error(capsys):
+    err = _user_error(["--smoke", "--device", "cuda"], capsys)
+    assert "ptfast-bench: error: --device cuda: CUDA is not available to this torch" in err
+
+
+def test_only_matching_nothing_is_a_user_error(tmp_path, capsys):
+    err = _user_error(["--smoke", "--device", "cpu", "--only", "nothing", "--out", str(tmp_path)], capsys)
+    assert "ptfast-bench: error: --only 'nothing': no case matches" in err
+
+
+def test_unwritable_out_is_a_user_error_before_the_run(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err = _user_error(["--smoke", "--device", "cpu", "--out", str(a_file / "results")], capsys)
+    assert f"ptfast-bench: error: --out {a_file / 'results'}: {a_file} is not a directory" in err
+    assert "cases" not in err  # before the progress line of the run

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ptfast.apps.mnist import data
 from ptfast.apps.mnist.cli import main
+from ptfast.apps.mnist.distributed import process_group
 from common_utils import tiny_dataset
 from tutorial import Net
 
@@ -212,18 +213,12 @@ def test_bad_arguments(capsys):
     _user_error(["--impl", "cudnn"], capsys)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank saves its own weights; they must be equal and trained."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "ptfast.apps.mnist",
+        # --standalone: torchrun picks a free port itself (no window for another process to take it).
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ptfast.apps.mnist",
         "--data-root", str(tiny), "--max-steps", "3", "--batch-size", "16", "--device", "cpu", "--no-download",
         "--save", str(tmp_path / "rank{rank}.pt"),
     ]  # fmt: skip
@@ -239,3 +234,22 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     torch.manual_seed(1)
     assert not torch.equal(Net().fc2.weight, rank0["fc2.weight"])
+
+
+@pytest.mark.parametrize("leaving", ["normally", "on a user error", "on an exception"])
+def test_every_rank_meets_at_a_barrier_before_destroying_the_process_group(monkeypatch, leaving):
+    """A rank that tore down its group while another still worked made that one abort (SIGABRT)."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    raised = {"normally": None, "on a user error": SystemExit(2), "on an exception": ValueError("bug")}[leaving]
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+        with process_group("cpu") as (dist, device):
+            assert (dist.rank, dist.world_size, device.type) == (1, 2, "cpu")
+            if raised:
+                raise raised
+    # After an exception, the other ranks may never reach a barrier: only destroy.
+    assert calls == (["init", "destroy"] if leaving == "on an exception" else ["init", "barrier", "destroy"])
