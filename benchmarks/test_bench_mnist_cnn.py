@@ -2,7 +2,7 @@
 
 One SGD training step (lr 0.01, momentum 0.5, nll_loss, train mode) and an
 inference forward (eval mode, no_grad). Batches: ptfast.apps.bench.cases.mnist_batches.
-Skipped while ptfast.models is not there. Run: pytest benchmarks/test_bench_mnist_cnn.py
+Run: pytest benchmarks/test_bench_mnist_cnn.py
 """
 
 import pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,23 @@ def test_the_library_never_imports_the_applications():
     assert library
     for path in library:
         assert "ptfast.apps" not in path.read_text(), path
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_sections_cited_in_the_code_exist():
+    sources = "\n".join(p.read_text() for p in (ROOT / "ptfast").rglob("*.py"))
+    cited = re.findall(r'README, "([^"]+)"', sources)
+    assert cited
+    for title in cited:
+        assert f"\n## {title}\n" in README, title
+
+
+def test_the_api_table_is_one_table():
+    section = README.split("\n## API\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    table = section[: next(i for i, line in enumerate(section) if not line.startswith("|"))]
+    for name in ("ptfast.conv2d_relu_max_pool2d(", "ptfast.log_softmax(", "ptfast.nn.Conv2dReLUMaxPool2d(",
+                 "ptfast.nn.LogSoftmax(", "ptfast.fuse(model)", "ptfast.models.MnistCNN("):
+        assert any(row.startswith(f"| `{name}") for row in table), name
+    assert not any(line.startswith("|") for line in section[len(table):])
