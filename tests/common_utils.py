@@ -7,9 +7,11 @@ fixtures are in conftest.py, which pytest loads by itself.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -77,6 +79,17 @@ def assert_block_matches_native(x, w, b, kwargs: dict[str, Any], *, check_grad: 
     want = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
     for name, a, e in zip(["input", "weight", "bias"], got, want):
         torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m, name=name: f"grad {name}: {m}", **tol)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """examples/<name>.py as a module (not run: its main() is behind ``if __name__ == "__main__"``)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # IDX type codes by dtype, written out from the format's definition rather than taken from the

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-from common_utils import tiny_dataset
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from common_utils import EXAMPLES, load_example, tiny_dataset
 
 
 def _run(name: str, argv: list[str]):
     """Run examples/<name>.py's main(argv) the way `python examples/<name>.py ARGV` does."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_example(name).main(argv)
 
 
 def test_every_example_is_tested():

@@ -72,3 +72,13 @@ def test_the_api_table_is_one_table():
                  "ptfast.nn.LogSoftmax(", "ptfast.fuse(model)", "ptfast.models.MnistCNN("):
         assert any(row.startswith(f"| `{name}") for row in table), name
     assert not any(line.startswith("|") for line in section[len(table):])
+
+
+def test_the_tutorials_net_is_written_once():
+    """examples/mnist_cnn.py writes it as the tutorial does; the tests load it from there."""
+    from tutorial import Net
+
+    sources = [p for p in ROOT.rglob("*.py") if ".git" not in p.parts and "build" not in p.parts]
+    defining = [p.relative_to(ROOT).as_posix() for p in sources if "\nclass Net(nn.Module):" in p.read_text()]
+    assert defining == ["examples/mnist_cnn.py"]
+    assert Net.__module__ == "example_mnist_cnn"
