@@ -82,3 +82,18 @@ def test_the_tutorials_net_is_written_once():
     defining = [p.relative_to(ROOT).as_posix() for p in sources if "\nclass Net(nn.Module):" in p.read_text()]
     assert defining == ["examples/mnist_cnn.py"]
     assert Net.__module__ == "example_mnist_cnn"
+
+
+def test_modules_the_docs_run_exist():
+    """Every `python -m X` / `torchrun ... -m X` in the READMEs and entry points names a module that exists."""
+    import importlib.util
+    import tomllib
+
+    docs = README + (ROOT / "benchmarks" / "README.md").read_text()
+    modules = set(re.findall(r"(?:python3? |torchrun .*?)-m (ptfast[\w.]*)", docs))
+    assert {"ptfast.apps.mnist", "ptfast.apps.bench"} <= modules
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"ptfast-mnist", "ptfast-bench"}
+    modules |= {target.split(":")[0] for target in scripts.values()}
+    for module in sorted(modules):
+        assert importlib.util.find_spec(module) is not None, module
