@@ -236,7 +236,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
     assert not torch.equal(Net().fc2.weight, rank0["fc2.weight"])
 
 
-@pytest.mark.parametrize("leaving", ["normally", "on a user error", "on an exception"])
+@pytest.mark.parametrize("leaving", ["normally", "on a user error", "on an exception", "on an interrupt"])
 def test_every_rank_meets_at_a_barrier_before_destroying_the_process_group(monkeypatch, leaving):
     """A rank that tore down its group while another still worked made that one abort (SIGABRT)."""
     calls = []
@@ -245,11 +245,13 @@ def test_every_rank_meets_at_a_barrier_before_destroying_the_process_group(monke
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append("init"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier"))
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
-    raised = {"normally": None, "on a user error": SystemExit(2), "on an exception": ValueError("bug")}[leaving]
+    raised = {"normally": None, "on a user error": SystemExit(2), "on an exception": ValueError("bug"),
+              "on an interrupt": KeyboardInterrupt()}[leaving]
     with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
         with process_group("cpu") as (dist, device):
             assert (dist.rank, dist.world_size, device.type) == (1, 2, "cpu")
             if raised:
                 raise raised
-    # After an exception, the other ranks may never reach a barrier: only destroy.
-    assert calls == (["init", "destroy"] if leaving == "on an exception" else ["init", "barrier", "destroy"])
+    # After an exception or an interrupt, the other ranks may never reach a barrier: only destroy.
+    clean = leaving in ("normally", "on a user error")
+    assert calls == (["init", "barrier", "destroy"] if clean else ["init", "destroy"])

@@ -57,9 +57,9 @@ def process_group(device_choice: str) -> Iterator[tuple[Dist, torch.device]]:
 
     Leaving the block, every rank meets the others at a barrier and only then destroys the group:
     a rank that tore its connections down while another was still saving or printing could make
-    that one abort ("terminate called without an active exception"). A rank leaving with an
-    exception skips the barrier (the others may never reach it; torchrun stops them) but still
-    destroys its group.
+    that one abort ("terminate called without an active exception"). A rank leaving on an
+    exception or an interrupt skips the barrier (the others may never reach it; torchrun stops
+    them) but still destroys its group.
     """
     if not _launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         yield Dist(), _resolve_device(device_choice, Dist())
@@ -68,15 +68,16 @@ def process_group(device_choice: str) -> Iterator[tuple[Dist, torch.device]]:
     device = _resolve_device(device_choice, dist)
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    failed = False
+    clean = False
     try:
         yield dist, device
-    except Exception:
-        failed = True
+        clean = True
+    except SystemExit:
+        clean = True  # a user error ends every rank alike (the dataset's verdict is broadcast)
         raise
     finally:
         try:
-            if not failed:  # SystemExit (a user error every rank saw) also meets at the barrier
+            if clean:
                 torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
