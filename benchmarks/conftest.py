@@ -1,4 +1,4 @@
-"""pytest-benchmark front end to ptfast.benchmark's cases.
+"""pytest-benchmark front end to ptfast.apps.bench's cases.
 
 Every test is one (case, implementation, device); tests are grouped by case
 and device, so pytest-benchmark's table puts ptfast, eager and compile of a
@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from ptfast.benchmark.cases import IMPLEMENTATIONS, SELECTIONS, Case, CaseUnavailable, select_cases
-from ptfast.benchmark.timing import TIMING_SETTINGS, calls_per_sample, synchronize, warm_up
+from ptfast.apps.bench.cases import IMPLEMENTATIONS, SELECTIONS, Case, select_cases
+from ptfast.apps.bench.timing import TIMING_SETTINGS, calls_per_sample, synchronize, warm_up
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,10 +53,7 @@ def measure(benchmark, request: pytest.FixtureRequest):
         device = torch.device(device)
         benchmark.group = f"{case.name} [{device.type}]"
         benchmark.extra_info.update(case=case.name, implementation=implementation, device=device.type)
-        try:
-            step = case.setup(device)[implementation]
-        except CaseUnavailable as reason:
-            pytest.skip(str(reason))
+        step = case.setup(device)[implementation]
         _, errors = warm_up({implementation: step}, device, settings.warmup_calls)
         if errors:
             # e.g. torch.compile failing on this machine: reported as a skip, like ptfast-bench does.

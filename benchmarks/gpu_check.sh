@@ -50,7 +50,7 @@ else
 fi
 
 echo "== benchmarks"
-timeout 240 python3 -m ptfast.benchmark --device cuda --out "$results" >"$results/bench.log" 2>&1 || status=1
+timeout 240 python3 -m ptfast.apps.bench --device cuda --out "$results" >"$results/bench.log" 2>&1 || status=1
 
 echo "== summary"
 cat "$results/device.txt"

@@ -1,7 +1,11 @@
 """ptfast.conv2d_relu_max_pool2d vs conv2d + relu + max_pool2d, eager and compiled: inference and forward+backward.
 
-Shapes: ptfast.benchmark.cases.block_shapes. Run: pytest benchmarks/test_bench_conv2d_relu_max_pool2d.py
+Shapes: ptfast.apps.bench.cases.block_shapes. Run: pytest benchmarks/test_bench_conv2d_relu_max_pool2d.py
 """
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 FAMILY = "conv2d_relu_max_pool2d"
 

@@ -1,7 +1,11 @@
 """ptfast.log_softmax vs F.log_softmax, eager and compiled: inference and forward+backward.
 
-Shapes: ptfast.benchmark.cases.log_softmax_shapes. Run: pytest benchmarks/test_bench_log_softmax.py
+Shapes: ptfast.apps.bench.cases.log_softmax_shapes. Run: pytest benchmarks/test_bench_log_softmax.py
 """
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 FAMILY = "log_softmax"
 

@@ -1,9 +1,13 @@
 """The tutorial's MNIST CNN end to end: MnistCNN(fused=True) vs MnistCNN(fused=False), eager and compiled.
 
 One SGD training step (lr 0.01, momentum 0.5, nll_loss, train mode) and an
-inference forward (eval mode, no_grad). Batches: ptfast.benchmark.cases.mnist_batches.
-Skipped while ptfast.models is not there. Run: pytest benchmarks/test_bench_mnist_cnn.py
+inference forward (eval mode, no_grad). Batches: ptfast.apps.bench.cases.mnist_batches.
+Run: pytest benchmarks/test_bench_mnist_cnn.py
 """
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 FAMILY = "mnist_cnn"
 

@@ -72,7 +72,7 @@ def conv2d_relu_max_pool2d(
     Arguments take the values ``F.conv2d`` and ``F.max_pool2d`` take: ints or
     (height, width) pairs, ``padding`` also 'valid' or 'same', and
     ``pool_stride=None`` meaning ``pool_kernel_size``. The backward keeps only
-    one arg-max code per pooled output (see README, "How the backward works").
+    one arg-max code per pooled output (see README, "How it works", **Backward.**).
     """
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise TypeError(f"{_OP}: `input` and `weight` must be tensors")

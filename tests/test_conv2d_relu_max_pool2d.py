@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ptfast
-from conftest import DEVICES, assert_block_matches_native, block_inputs, make_data, native_block
+from common_utils import DEVICES, assert_block_matches_native, block_inputs, make_data, native_block
 from ptfast._shapes import conv_output_size, pool_output_size
 
 # The whole module runs on both CPU paths of the fused block, direct and vendor.

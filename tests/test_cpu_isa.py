@@ -18,7 +18,7 @@ SCRIPT = r"""
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from conftest import assert_block_matches_native, block_inputs
+from common_utils import assert_block_matches_native, block_inputs
 import ptfast
 assert torch.backends.cpu.get_cpu_capability() == sys.argv[2], torch.backends.cpu.get_cpu_capability()
 for dtype in (torch.float64, torch.float32):
@@ -51,6 +51,7 @@ def _supported_capabilities() -> list[str]:
     return order[: order.index(best) + 1] if best in order else ["DEFAULT"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
 def test_kernels_per_instruction_set(capability):
     if capability not in _supported_capabilities():

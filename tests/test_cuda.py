@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ptfast
-from conftest import block_inputs, native_block
+from common_utils import block_inputs, native_block
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 

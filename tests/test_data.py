@@ -1,4 +1,4 @@
-"""ptfast.data: the IDX reader, the dataset layouts, the offline message and the batch iterator."""
+"""ptfast.apps.mnist.data: the IDX reader, the dataset layouts, the offline message and the batch iterator."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 
-from ptfast import data
+from common_utils import write_dataset, write_idx
+from ptfast.apps.mnist import data
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -20,7 +21,7 @@ def _labels(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _write(folder, n_train=40, n_test=12, compress=True):
-    return data.write_dataset(
+    return write_dataset(
         folder, (_images(n_train), _labels(n_train)), (_images(n_test, 7), _labels(n_test, 7)), compress=compress
     )
 
@@ -51,7 +52,7 @@ def test_read_idx_big_endian_values(tmp_path):
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
 def test_write_read_round_trip(tmp_path, dtype, compress):
     t = (torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
-    path = data.write_idx(tmp_path / "t", t, compress=compress)
+    path = write_idx(tmp_path / "t", t, compress=compress)
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == compress
     got = data.read_idx(path)
     assert got.dtype == dtype and torch.equal(got, t)
@@ -135,11 +136,11 @@ def test_load_from_read_only_folder(tmp_path):
 
 
 def test_load_rejects_inconsistent_files(tmp_path):
-    data.write_dataset(tmp_path, (_images(5), _labels(4)), (_images(3), _labels(3)))
+    write_dataset(tmp_path, (_images(5), _labels(4)), (_images(3), _labels(3)))
     with pytest.raises(data.IdxFormatError, match="5 images but .* 4 labels"):
         data.load("mnist", tmp_path, download_missing=False)
     bad_labels = torch.tensor([0, 1, 2, 10], dtype=torch.uint8)
-    data.write_dataset(tmp_path, (_images(4), bad_labels), (_images(3), _labels(3)))
+    write_dataset(tmp_path, (_images(4), bad_labels), (_images(3), _labels(3)))
     with pytest.raises(data.IdxFormatError, match="labels must be 0..9"):
         data.load("mnist", tmp_path, download_missing=False)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptfast
-from conftest import assert_block_matches_native, block_inputs, native_block
+from common_utils import assert_block_matches_native, block_inputs, native_block
 
 INF, NAN = float("inf"), float("nan")
 

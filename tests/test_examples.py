@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
-from test_train import _tiny_dataset
+import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from common_utils import EXAMPLES, load_example, tiny_dataset
 
 
 def _run(name: str, argv: list[str]):
     """Run examples/<name>.py's main(argv) the way `python examples/<name>.py ARGV` does."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_example(name).main(argv)
 
 
 def test_every_example_is_tested():
@@ -48,7 +43,7 @@ def test_softmax_regression_uses_ptfast_log_softmax(capsys, monkeypatch):
 
 
 def test_mnist_cnn(tmp_path, capsys):
-    root = _tiny_dataset(tmp_path / "data", n_train=256, n_test=50)
+    root = tiny_dataset(tmp_path / "data", n_train=256, n_test=50)
     argv = ["--data-root", str(root), "--epochs", "3", "--batch-size", "16", "--lr", "0.05"]
     loss, accuracy = _run("mnist_cnn", argv)
     out = capsys.readouterr().out
@@ -56,6 +51,7 @@ def test_mnist_cnn(tmp_path, capsys):
     assert accuracy >= 0.5  # the tiny set's classes are easy: training did something
 
 
+@pytest.mark.slow
 def test_examples_run_as_scripts(tmp_path):
     """One real `python examples/x.py` run, as the docstrings say."""
     import subprocess

@@ -131,6 +131,7 @@ def test_dropout_masks_follow_the_seed():
     assert not torch.allclose(out[0], out[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_fifty_sgd_steps_match_native(dtype):
     native_losses, native = train_losses(seeded(Net, dtype=dtype), dtype)
@@ -521,3 +522,53 @@ def test_branch_on_training_is_guarded():
     fused_eval = ptfast.fuse(model.eval())
     torch.testing.assert_close(fused_eval(x), model(x))
     assert any(n.target is operator.eq for n in fused_eval.graph.nodes)
+
+
+def _copy_attr_as_in_torch_2_13(from_module: nn.Module, to_module: nn.Module, target: str) -> None:
+    """torch 2.13's GraphModule copy of one attribute: every tensor becomes a *persistent* buffer
+    (2.14 keeps a non-persistent buffer non-persistent)."""
+    *prefix, field = target.split(".")
+    for item in prefix:
+        f, t = getattr(from_module, item), getattr(to_module, item, None)
+        if f is t:
+            return
+        if t is None:
+            t = nn.Module()
+            setattr(to_module, item, t)
+        from_module, to_module = f, t
+    orig = getattr(from_module, field)
+    if isinstance(orig, torch.Tensor) and not isinstance(orig, nn.Parameter):
+        to_module.register_buffer(field, orig)
+    else:
+        setattr(to_module, field, orig)
+
+
+@pytest.mark.parametrize("graph_module_copy", ["this torch", "torch 2.13"])
+def test_copies_keep_non_persistent_buffers_and_tensor_attributes_out_of_the_state_dict(
+    graph_module_copy, monkeypatch
+):
+    """deepcopy, pickle and fuse of a fused model: state_dict keys as the original's, whatever
+    GraphModule's own attribute copying does (torch 2.13 made `scale` and `offset` persistent)."""
+    import torch.fx.graph_module
+
+    if graph_module_copy == "torch 2.13":
+        monkeypatch.setattr(torch.fx.graph_module, "_copy_attr", _copy_attr_as_in_torch_2_13)
+
+    class WithState(ReluBeforePool):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64), persistent=False)
+            self.offset = torch.tensor(1.0, dtype=torch.float64)
+
+        def forward(self, x):
+            return super().forward(x) * self.scale + self.offset
+
+    model = seeded(WithState)
+    fused = ptfast.fuse(model)
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
+    for clone in (fused, copy.deepcopy(fused), torch.load(_saved(fused), weights_only=False), ptfast.fuse(fused),
+                  copy.deepcopy(copy.deepcopy(fused))):
+        assert list(clone.state_dict()) == ["conv.weight", "conv.bias"]
+        assert {"scale", "offset"} <= dict(clone.named_buffers()).keys()  # registered, so .to() moves them
+        torch.testing.assert_close(clone(x), model(x))
+        clone.load_state_dict(model.state_dict())  # strict

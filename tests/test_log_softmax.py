@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptfast
-from conftest import tolerances
+from common_utils import tolerances
 
 SHAPES_AND_DIMS = [
     ((7,), 0), ((7,), -1), ((64, 10), 1), ((3, 1000), -1), ((5, 37), 0), ((2, 3, 5), 1),

@@ -89,6 +89,7 @@ def test_fused_matches_native(dtype, train):
         assert not torch.allclose(run(fused, x, seed=8)[0], out_f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_fifty_sgd_steps_fused_vs_native(dtype):
     native_losses, native = train_losses(seeded(lambda: MnistCNN(fused=False), dtype=dtype), dtype)

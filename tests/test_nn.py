@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ptfast
-from conftest import native_block
+from common_utils import native_block
 
 
 def _pair_of_modules(seed=0, **kwargs):

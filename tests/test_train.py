@@ -1,10 +1,10 @@
-"""ptfast.train (`ptfast-mnist`): smoke runs on tiny IDX files, --impl both, --save, offline, DDP."""
+"""ptfast.apps.mnist (`ptfast-mnist`): smoke runs on tiny IDX files, --impl both, --save, offline, DDP."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,31 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptfast import data
-from ptfast.train import main
+from ptfast.apps.mnist import data
+from ptfast.apps.mnist.cli import main
+from ptfast.apps.mnist.distributed import process_group
+from common_utils import tiny_dataset
 from tutorial import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_dataset(folder: Path, n_train: int = 192, n_test: int = 50) -> Path:
-    """Class k: a bright bar at row 2k plus noise, so a few steps already learn something."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = torch.randint(0, 60, (n, 28, 28), generator=g)
-        for i, k in enumerate(labels.tolist()):
-            images[i, 2 * k + 2 : 2 * k + 5, 4:24] = 250
-        return images.to(torch.uint8), labels.to(torch.uint8)
-
-    data.write_dataset(folder, make(n_train), make(n_test))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return _tiny_dataset(tmp_path_factory.mktemp("tiny-mnist"))
+    return tiny_dataset(tmp_path_factory.mktemp("tiny-mnist"))
 
 
 def _env() -> dict[str, str]:
@@ -55,9 +42,10 @@ SUMMARY = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_module_entry_smoke_run(tiny):
-    """`python -m ptfast.train` as a user runs it: a few steps, exit 0, the summary line."""
-    cmd = [sys.executable, "-m", "ptfast.train", "--data-root", str(tiny), "--max-steps", "3", "--no-download"]
+    """`python -m ptfast.apps.mnist` as a user runs it: a few steps, exit 0, the summary line."""
+    cmd = [sys.executable, "-m", "ptfast.apps.mnist", "--data-root", str(tiny), "--max-steps", "3", "--no-download"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     (summary,) = SUMMARY.findall(proc.stdout)
@@ -153,6 +141,7 @@ def test_adadelta_and_verbose_time_split(tiny, capsys):
     assert len(SUMMARY.findall(out)) == 1
 
 
+@pytest.mark.slow
 def test_compile_smoke(tiny, capsys):
     argv = ["--data-root", str(tiny), "--max-steps", "2", "--no-download"]
     argv += ["--compile", "--compile-backend", "aot_eager"]
@@ -160,34 +149,76 @@ def test_compile_smoke(tiny, capsys):
     assert "torch.compile" in capsys.readouterr().out
 
 
+def _user_error(argv: list[str], capsys) -> str:
+    """main(argv) must end as argparse ends on its own errors: status 2, `ptfast-mnist: error: ...`."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("usage: ptfast-mnist") and "ptfast-mnist: error: " in err, err
+    assert "Traceback" not in err
+    assert "epoch" not in out  # found before any training
+    return err
+
+
 def test_offline_message(tmp_path, capsys):
     empty = tmp_path / "nothing-here"
-    assert main(["--dataset", "fashion-mnist", "--data-root", str(empty), "--no-download"]) == 1
-    err = capsys.readouterr().err
+    err = _user_error(["--dataset", "fashion-mnist", "--data-root", str(empty), "--no-download"], capsys)
     for name in data.FILES.values():
         assert f"{name}.gz" in err
     assert str(empty / "FashionMNIST" / "raw") in err
     assert "apt-get install dataset-fashion-mnist" in err
 
 
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        main(["--batch-size", "0"])
-    with pytest.raises(SystemExit):
-        main(["--impl", "cudnn"])
+def test_corrupt_data_is_a_user_error(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:-7] if "t10k-images" in f.name else f.read_bytes())
+    err = _user_error(["--data-root", str(broken), "--no-download"], capsys)
+    assert "t10k-images-idx3-ubyte.gz: corrupt or truncated gzip data" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_user_error(tiny, capsys):
+    err = _user_error(["--data-root", str(tiny), "--device", "cuda", "--no-download"], capsys)
+    assert "ptfast-mnist: error: --device cuda: CUDA is not available to this torch" in err
 
 
+def test_unwritable_save_paths_are_user_errors_before_training(tiny, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for save, problem in [(tmp_path, "is a directory"), (a_file / "sub" / "net.pt", f"{a_file} is not a directory")]:
+        err = _user_error(["--data-root", str(tiny), "--no-download", "--save", str(save)], capsys)
+        assert f"ptfast-mnist: error: --save {save}: {problem}" in err
+
+
+def test_unknown_compile_backend_is_a_user_error(tiny, capsys):
+    err = _user_error(["--data-root", str(tiny), "--compile", "--compile-backend", "nope"], capsys)
+    assert "--compile-backend 'nope': not a torch.compile backend; expected one of" in err and "inductor" in err
+
+
+@pytest.mark.slow
+def test_user_error_of_the_command_prints_no_traceback(tmp_path):
+    """As a user runs it: `python -m ptfast.apps.mnist` with no dataset: argparse's error, status 2."""
+    cmd = [sys.executable, "-m", "ptfast.apps.mnist", "--data-root", str(tmp_path), "--no-download"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("usage: ptfast-mnist") and "ptfast-mnist: error: MNIST not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_arguments(capsys):
+    _user_error(["--batch-size", "0"], capsys)
+    _user_error(["--impl", "cudnn"], capsys)
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank saves its own weights; they must be equal and trained."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "ptfast.train",
+        # --standalone: torchrun picks a free port itself (no window for another process to take it).
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ptfast.apps.mnist",
         "--data-root", str(tiny), "--max-steps", "3", "--batch-size", "16", "--device", "cpu", "--no-download",
         "--save", str(tmp_path / "rank{rank}.pt"),
     ]  # fmt: skip
@@ -203,3 +234,24 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     torch.manual_seed(1)
     assert not torch.equal(Net().fc2.weight, rank0["fc2.weight"])
+
+
+@pytest.mark.parametrize("leaving", ["normally", "on a user error", "on an exception", "on an interrupt"])
+def test_every_rank_meets_at_a_barrier_before_destroying_the_process_group(monkeypatch, leaving):
+    """A rank that tore down its group while another still worked made that one abort (SIGABRT)."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    raised = {"normally": None, "on a user error": SystemExit(2), "on an exception": ValueError("bug"),
+              "on an interrupt": KeyboardInterrupt()}[leaving]
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+        with process_group("cpu") as (dist, device):
+            assert (dist.rank, dist.world_size, device.type) == (1, 2, "cpu")
+            if raised:
+                raise raised
+    # After an exception or an interrupt, the other ranks may never reach a barrier: only destroy.
+    clean = leaving in ("normally", "on a user error")
+    assert calls == (["init", "barrier", "destroy"] if clean else ["init", "destroy"])

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ptfast.benchmark.cases import BlockShape, block_forwards, memory_case_name
-from ptfast.benchmark.timing import describe_error, synchronize
+from ptfast.apps.bench.cases import BlockShape, block_forwards, memory_case_name
+from ptfast.apps.bench.timing import describe_error, synchronize
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -41,8 +41,6 @@ __all__ = [
     "normalize",
     "read_idx",
     "shard",
-    "write_dataset",
-    "write_idx",
 ]
 
 # Where Debian's package `dataset-fashion-mnist` puts the four .gz files.
@@ -402,37 +400,3 @@ class Batches:
             y = self.labels.index_select(0, idx).to(self.device, non_blocking=True)
             yield normalize(x), y
 
-
-def write_idx(path: str | os.PathLike, tensor: Tensor, *, compress: bool | None = None) -> Path:
-    """Write `tensor` as an IDX file (gzip when `compress`, or when the name ends in .gz). For tests and tools."""
-    path = Path(path)
-    codes = {dtype: code for code, (dtype, _) in _IDX_TYPES.items()}
-    if tensor.dtype not in codes:
-        raise ValueError(f"IDX cannot store {tensor.dtype}")
-    t = tensor.detach().cpu().contiguous()
-    header = bytes([0, 0, codes[t.dtype], t.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in t.shape)
-    body = t.view(-1).view(torch.uint8)
-    if t.element_size() > 1 and sys.byteorder == "little":
-        body = body.view(-1, t.element_size()).flip(-1)
-    payload = header + (body.contiguous().numpy().tobytes() if body.numel() else b"")
-    if compress or (compress is None and path.suffix == ".gz"):
-        payload = gzip.compress(payload, mtime=0)
-    path.write_bytes(payload)
-    return path
-
-
-def write_dataset(
-    folder: str | os.PathLike,
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    *,
-    compress: bool = True,
-) -> dict[str, Path]:
-    """Write a dataset's four IDX files into `folder` under the standard names."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors: Sequence[Tensor] = (train[0], train[1], test[0], test[1])
-    out = {}
-    for (key, name), t in zip(FILES.items(), tensors):
-        out[key] = write_idx(folder / (f"{name}.gz" if compress else name), t.to(torch.uint8), compress=compress)
-    return out

@@ -1,4 +1,4 @@
-"""``ptfast-bench`` (also ``python -m ptfast.benchmark``): time ptfast against eager and compiled PyTorch.
+"""``ptfast-bench`` (also ``python -m ptfast.apps.bench``): time ptfast against eager and compiled PyTorch.
 
     ptfast-bench                 quick set, CPU (+ CUDA when visible), about 3 minutes on 2 cores
     ptfast-bench --full          every shape, batch 1024 included
@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from ptfast.benchmark.cases import COMPILE_BACKENDS, Selection, memory_block_shapes, select_cases
-from ptfast.benchmark.machine import describe_machine
-from ptfast.benchmark.memory import MemoryResult, measure_block_memory
-from ptfast.benchmark.report import text_report, write_report
-from ptfast.benchmark.runner import CaseResult, run_cases
-from ptfast.benchmark.timing import TIMING_SETTINGS, keep_freed_memory_mapped, matmul_gflops
+from ptfast.apps.bench.cases import COMPILE_BACKENDS, Selection, memory_block_shapes, select_cases
+from ptfast.apps.bench.machine import describe_machine
+from ptfast.apps.bench.memory import MemoryResult, measure_block_memory
+from ptfast.apps.bench.report import text_report, write_report
+from ptfast.apps.bench.runner import CaseResult, run_cases
+from ptfast.apps.bench.timing import TIMING_SETTINGS, keep_freed_memory_mapped, matmul_gflops
+from ptfast.apps.paths import write_problem
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptfast-bench",
         description="Time ptfast's fused ops against native eager PyTorch and torch.compile, side by side.",
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", metavar="PATTERN", default=None,
         help='run only cases whose name contains PATTERN (shell wildcards allowed), e.g. "log_softmax" or "mnist1*N64"',
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def selection_of(args: argparse.Namespace) -> Selection:
@@ -63,8 +64,7 @@ def selection_of(args: argparse.Namespace) -> Selection:
 
 
 def devices_of(args: argparse.Namespace) -> list[torch.device]:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("ptfast-bench: --device cuda, but torch sees no CUDA device")
+    """The devices for --device; the caller has checked that CUDA is there for 'cuda'."""
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         return [torch.device("cpu")]
     if args.device == "cuda":
@@ -77,7 +77,11 @@ def _progress(line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """``ptfast-bench``: 0 when the report is written; user errors exit with status 2, as argparse's own."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available to this torch")
     selection = selection_of(args)
     devices = devices_of(args)
     settings = TIMING_SETTINGS[selection]
@@ -88,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     freed_memory_kept_mapped = keep_freed_memory_mapped()
     machine = describe_machine(gpu=any(device.type == "cuda" for device in devices))
     out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / machine.slug()
+    if problem := write_problem(out_dir, folder=True):
+        parser.error(f"--out {out_dir}: {problem}")
     cases = select_cases(selection, pattern=args.only)
     memory_shapes = memory_block_shapes(selection, pattern=args.only)
     if not cases and not memory_shapes:
-        raise SystemExit(f"ptfast-bench: no case matches --only {args.only!r}")
+        parser.error(f"--only {args.only!r}: no case matches")
     _progress(f"ptfast-bench: {len(cases)} cases, {selection} set, on {', '.join(d.type for d in devices)}; "
               f"{machine.describe()}")
 

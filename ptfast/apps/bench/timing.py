@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptfast.benchmark.cases import Selection, Step
+from ptfast.apps.bench.cases import Selection, Step
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from ptfast.benchmark.cases import Case, CaseUnavailable
-from ptfast.benchmark.timing import TimingSettings, describe_error, time_interleaved
+from ptfast.apps.bench.cases import Case
+from ptfast.apps.bench.timing import TimingSettings, describe_error, time_interleaved
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CaseResult:
     samples_s: every sample's seconds per call, in the order taken.
     warmup_s: seconds of the warm-up calls; for "compile", about its compile time.
     errors: implementations that failed (e.g. torch.compile), with the error.
-    skipped: why the whole case did not run (e.g. ptfast.models missing), else None.
+    skipped: why the whole case did not run (its setup failed), else None.
     flops: the case's FLOPs per call where counted (see Case.flops), else None.
     """
 
@@ -63,9 +63,6 @@ def run_case(case: Case, device: torch.device, settings: TimingSettings, dtype: 
     result = CaseResult(case.name, case.family, case.op, case.shape, device.type, flops=case.flops)
     try:
         steps = case.setup(device, dtype)
-    except CaseUnavailable as reason:
-        result.skipped = str(reason)
-        return result
     except Exception as error:  # noqa: BLE001  (one broken case must not lose the others' numbers)
         result.skipped = f"setup failed: {describe_error(error)}"
         return result

@@ -12,10 +12,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ptfast.benchmark.cases import FAMILIES, IMPLEMENTATIONS
-from ptfast.benchmark.memory import MemoryResult
-from ptfast.benchmark.runner import CaseResult
-from ptfast.benchmark.timing import GEMM_SIZE
+from ptfast.apps.bench.cases import FAMILIES, IMPLEMENTATIONS
+from ptfast.apps.bench.memory import MemoryResult
+from ptfast.apps.bench.runner import CaseResult
+from ptfast.apps.bench.timing import GEMM_SIZE
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"

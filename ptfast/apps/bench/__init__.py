@@ -6,7 +6,7 @@
     machine.py  the machine description stored with the results
     runner.py   runs cases into result records
     report.py   printed table, results.json, results.md, speedup plots
-    cli.py      ``ptfast-bench`` / ``python -m ptfast.benchmark``
+    cli.py      ``ptfast-bench`` / ``python -m ptfast.apps.bench``
 
 The pytest-benchmark files under the repository's benchmarks/ use the same
 cases, so shapes are defined once.

@@ -1,6 +1,6 @@
 """The benchmark cases: what is timed, at which shapes, and the code of each implementation.
 
-Both front ends, ``ptfast-bench`` (``ptfast.benchmark.cli``) and the
+Both front ends, ``ptfast-bench`` (``ptfast.apps.bench.cli``) and the
 pytest-benchmark files under ``benchmarks/``, take their cases from here, so
 every shape is written down once.
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ptfast
+from ptfast.models import MnistCNN
 
 Implementation = Literal["ptfast", "eager", "compile"]
 IMPLEMENTATIONS: tuple[Implementation, ...] = ("ptfast", "eager", "compile")
@@ -51,10 +52,6 @@ FAMILIES = ("conv2d_relu_max_pool2d", "log_softmax", "mnist_cnn")
 
 # Seed of every input draw: reruns time the same numbers.
 SEED = 0
-
-
-class CaseUnavailable(Exception):
-    """A case cannot run in this installation (e.g. ptfast.models is not there yet)."""
 
 
 @dataclass(frozen=True)
@@ -327,10 +324,6 @@ def mnist_batches(selection: Selection) -> list[int]:
 
 def _mnist_models(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """MnistCNN per implementation, all with the same initial weights."""
-    try:
-        from ptfast.models import MnistCNN
-    except ImportError as error:
-        raise CaseUnavailable(f"ptfast.models.MnistCNN is not available ({error})") from error
     models = {}
     for name, fused in (("ptfast", True), ("eager", False), ("compile", False)):
         torch.manual_seed(SEED)
