@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ptfast  # noqa: F401  (registers the operators)
+import ptfast
 from common_utils import DEVICES
 
 # Native float32 convolutions on CUDA may use TF32; the comparisons need full float32.
