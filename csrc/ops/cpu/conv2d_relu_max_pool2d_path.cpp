@@ -43,17 +43,25 @@ bool parse_conv_block_path(std::string_view name, ConvBlockPath* path) {
 
 ConvBlockPath choose_path(
     const ops::Conv2dReluMaxPool2dShape& s,
-    const ops::Conv2dReluMaxPool2dParams& p, ConvBlockPass pass) {
+    const ops::Conv2dReluMaxPool2dParams& p) {
   const ConvBlockPath forced = conv_block_policy();
   if (forced != ConvBlockPath::kAuto) {
     return forced;
   }
-  // RULE: calibrated below from benchmarks (placeholder).
-  const int64_t reduction =
-      s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
-  const int64_t threshold = pass == ConvBlockPass::kForward ? 1024 : 512;
-  return reduction >= threshold ? ConvBlockPath::kVendor
-                                : ConvBlockPath::kDirect;
+  // The direct kernels win by far where each conv output sums few products
+  // (the MNIST, LeNet and CIFAR-input blocks: 3.5x-8x eager), and lose
+  // where it sums many: oneDNN's convolution is register-blocked over input
+  // channels, the direct kernels are not. Measured on one thread with an
+  // idle core beside it (benchmarks/NOTES.md, "Direct or vendor"), the two
+  // cross between 288 products per output (32 -> 64 channels, 3x3: direct
+  // 1.5x-2x faster in both passes) and 400 (16 -> 32, 5x5: vendor 1.2x-1.4x
+  // faster), the same in the forward and the backward; between 320 and 600 they
+  // are within 30% of each other, and the vendor path is preferred there
+  // because it cannot fall behind native.
+  constexpr int64_t kVendorFromProducts = 320;
+  const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
+  return products >= kVendorFromProducts ? ConvBlockPath::kVendor
+                                         : ConvBlockPath::kDirect;
 }
 
 }  // namespace ptfast::cpu
