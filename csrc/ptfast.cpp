@@ -1,8 +1,10 @@
 // The Python module ptfast._C. Importing it loads this library, whose static
 // initialisers register the ptfast operators with the dispatcher; every op is
 // reached through torch.ops.ptfast. The module itself holds only the
-// process-wide settings that are not arguments of an op (ptfast.backends).
+// process-wide settings that are not arguments of an op (ptfast.backends)
+// and the peak-rate probe of ptfast-bench.
 #include "ops/cpu/conv2d_relu_max_pool2d_path.h"
+#include "ops/cpu/peak_flops.h"
 
 #include <Python.h>
 
@@ -41,9 +43,18 @@ PyObject* set_cpu_conv_block(PyObject* /*module*/, PyObject* value) {
   Py_RETURN_NONE;
 }
 
+// _peak_fp32_gflops() -> float: the CPU's peak float32 rate on torch's
+// threads, for ptfast-bench.
+PyObject* peak_fp32_gflops(PyObject* /*module*/, PyObject* /*unused*/) {
+  double gflops = 0;
+  Py_BEGIN_ALLOW_THREADS gflops = ptfast::cpu::peak_fp32_gflops();
+  Py_END_ALLOW_THREADS return PyFloat_FromDouble(gflops);
+}
+
 PyMethodDef methods[] = {
     {"_get_cpu_conv_block", get_cpu_conv_block, METH_NOARGS, nullptr},
     {"_set_cpu_conv_block", set_cpu_conv_block, METH_O, nullptr},
+    {"_peak_fp32_gflops", peak_fp32_gflops, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -22,8 +22,10 @@ tests down.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -48,7 +50,7 @@ Step = Callable[[], object]
 Build = Callable[[torch.device, torch.dtype, str], dict[str, Step]]
 """(device, dtype, compile backend) -> one step per implementation."""
 
-FAMILIES = ("conv2d_relu_max_pool2d", "log_softmax", "mnist_cnn")
+FAMILIES = ("conv2d_relu_max_pool2d", "log_softmax", "mnist_cnn", "models")
 
 # Seed of every input draw: reruns time the same numbers.
 SEED = 0
@@ -108,7 +110,8 @@ def _no_grad(function: Callable[[], object]) -> Step:
 
 @dataclass(frozen=True)
 class BlockShape:
-    """A conv2d(k, padding) + ReLU + max_pool2d(2) block on an (N, C_in, H, H) input.
+    """A conv2d(k, stride, padding) + ReLU + max_pool2d(pool_kernel, pool_stride)
+    block on an (N, C_in, H, H) input.
 
     ``input_requires_grad`` is False for a network's first block (its input
     is data) and True for later blocks, whose backward also computes grad_input.
@@ -122,16 +125,21 @@ class BlockShape:
     size: int
     padding: int
     input_requires_grad: bool
+    stride: int = 1
+    pool_kernel: int = 2
+    pool_stride: int = 2
 
     def describe(self) -> str:
+        stride = f" s{self.stride}" if self.stride != 1 else ""
+        pool = f" pool{self.pool_kernel}/{self.pool_stride}" if (self.pool_kernel, self.pool_stride) != (2, 2) else ""
         return (
-            f"{self.label} {self.in_channels}->{self.out_channels} k{self.kernel} "
-            f"{self.size}x{self.size} N{self.batch}"
+            f"{self.label} {self.in_channels}->{self.out_channels} k{self.kernel}{stride} "
+            f"{self.size}x{self.size}{pool} N{self.batch}"
         )
 
     def conv_flops(self) -> int:
         """FLOPs of the block's convolution, 2 per multiply-add (the ReLU and pooling are not counted)."""
-        conv_size = self.size + 2 * self.padding - self.kernel + 1
+        conv_size = (self.size + 2 * self.padding - self.kernel) // self.stride + 1
         multiply_adds = self.batch * self.out_channels * conv_size**2 * self.in_channels * self.kernel**2
         return 2 * multiply_adds
 
@@ -162,20 +170,24 @@ class BlockShape:
         return input, weight, bias
 
 
-def native_block(input: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+def native_block(input: Tensor, weight: Tensor, bias: Tensor, shape: BlockShape) -> Tensor:
     """The native composite ptfast.conv2d_relu_max_pool2d fuses."""
-    return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, padding=padding)), 2)
+    conv = F.conv2d(input, weight, bias, stride=shape.stride, padding=shape.padding)
+    return F.max_pool2d(F.relu(conv), shape.pool_kernel, shape.pool_stride)
 
 
-def fused_block(input: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
-    return ptfast.conv2d_relu_max_pool2d(input, weight, bias, padding=padding, pool_kernel_size=2)
+def fused_block(input: Tensor, weight: Tensor, bias: Tensor, shape: BlockShape) -> Tensor:
+    return ptfast.conv2d_relu_max_pool2d(
+        input, weight, bias, stride=shape.stride, padding=shape.padding,
+        pool_kernel_size=shape.pool_kernel, pool_stride=shape.pool_stride,
+    )
 
 
 def block_forwards(shape: BlockShape, compile_backend: str) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """The block's forward per implementation, for (input, weight, bias)."""
-    native = functools.partial(native_block, padding=shape.padding)
+    native = functools.partial(native_block, shape=shape)
     return {
-        "ptfast": functools.partial(fused_block, padding=shape.padding),
+        "ptfast": functools.partial(fused_block, shape=shape),
         "eager": native,
         "compile": compile_native(native, compile_backend),
     }
@@ -197,7 +209,7 @@ def _block_forward_backward(shape: BlockShape) -> Build:
         arguments = shape.arguments(device, dtype, requires_grad=True)
         leaves = [t for t in arguments if t.requires_grad]
         with torch.no_grad():
-            output_shape = native_block(*arguments, padding=shape.padding).shape
+            output_shape = native_block(*arguments, shape=shape).shape
         grad_output = _random(tuple(output_shape), device, dtype, torch.Generator().manual_seed(SEED + 1))
 
         def step(forward: Callable) -> Step:
@@ -218,8 +230,23 @@ def _mnist_block2(batch: int) -> BlockShape:
     return BlockShape("mnist2", batch, 10, 20, 5, 12, 0, input_requires_grad=True)
 
 
+# The blocks of AlexNet and VGG (ImageNet-sized, small batches): many
+# channels, where the vendor path serves them (README, "Which path serves a
+# block").
+LARGE_BLOCKS = [
+    BlockShape("alexnet1", 8, 3, 64, 11, 224, 2, input_requires_grad=False, stride=4, pool_kernel=3),
+    BlockShape("alexnet2", 8, 64, 192, 5, 27, 2, input_requires_grad=True, pool_kernel=3),
+    BlockShape("alexnet5", 8, 256, 256, 3, 13, 1, input_requires_grad=True, pool_kernel=3),
+    BlockShape("vgg2", 2, 64, 128, 3, 112, 1, input_requires_grad=True),
+    BlockShape("vgg3", 2, 256, 256, 3, 56, 1, input_requires_grad=True),
+    BlockShape("vgg4", 2, 512, 512, 3, 28, 1, input_requires_grad=True),
+    BlockShape("vgg5", 4, 512, 512, 3, 14, 1, input_requires_grad=True),
+]
+
+
 def block_shapes(selection: Selection) -> list[BlockShape]:
-    """The tutorial's two blocks at batch 1, 64 (and 1024 in the full set), and two CIFAR-like blocks at 64."""
+    """The tutorial's two blocks at batch 1, 64 (and 1024 in the full set), two CIFAR-like
+    blocks at 64, and in the full set the AlexNet and VGG blocks."""
     if selection == "smoke":
         return [_mnist_block2(2)]
     batches = [1, 64, 1024] if selection == "full" else [1, 64]
@@ -228,6 +255,8 @@ def block_shapes(selection: Selection) -> list[BlockShape]:
         BlockShape("cifar1", 64, 3, 32, 3, 32, 1, input_requires_grad=False),
         BlockShape("cifar2", 64, 32, 64, 3, 16, 1, input_requires_grad=True),
     ]
+    if selection == "full":
+        shapes += LARGE_BLOCKS
     return shapes
 
 
@@ -236,12 +265,12 @@ def memory_case_name(shape: BlockShape) -> str:
 
 
 def memory_block_shapes(selection: Selection, pattern: str | None = None) -> list[BlockShape]:
-    """The MNIST blocks of `selection` whose saved-for-backward bytes are reported
-    (those whose memory_case_name matches `pattern`, as in select_cases)."""
+    """The MNIST, AlexNet and VGG blocks of `selection` whose saved-for-backward bytes are
+    reported (those whose memory_case_name matches `pattern`, as in select_cases)."""
     return [
         shape
         for shape in block_shapes(selection)
-        if shape.label.startswith("mnist") and name_matches(memory_case_name(shape), pattern)
+        if not shape.label.startswith("cifar") and name_matches(memory_case_name(shape), pattern)
     ]
 
 
@@ -378,6 +407,124 @@ def _mnist_inference(batch: int) -> Build:
     return build
 
 
+# --------------------------------------------------------------------------- whole models through ptfast.fuse
+
+
+class LeNet5(torch.nn.Module):
+    """LeNet-5 on 28x28 images (the first convolution padded to 32x32), ReLU and
+    max-pooling as usually written today, log-probabilities out: (N, 1, 28, 28) -> (N, 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = torch.nn.Conv2d(6, 16, 5)
+        self.fc1 = torch.nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = torch.nn.Linear(120, 84)
+        self.fc3 = torch.nn.Linear(84, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A whole model, unmodified ("eager", "compile") and through ``ptfast.fuse`` ("ptfast"),
+    on (batch, 3 or 1, size, size) random images; torchvision's models with random weights."""
+
+    name: str
+    batch: int
+    channels: int
+    size: int
+
+    def describe(self) -> str:
+        return f"{self.name} {self.size}x{self.size} N{self.batch}"
+
+    def make(self) -> torch.nn.Module:
+        if self.name == "lenet5":
+            return LeNet5()
+        import torchvision  # the torchvision models are benchmarked only where it is installed
+
+        return getattr(torchvision.models, self.name)(weights=None)
+
+
+MODEL_SHAPES = [
+    ModelShape("lenet5", 64, 1, 28),
+    ModelShape("alexnet", 4, 3, 224),
+    ModelShape("vgg11", 2, 3, 224),
+    ModelShape("squeezenet1_1", 4, 3, 224),
+]
+
+
+def model_shapes(selection: Selection) -> list[ModelShape]:
+    """LeNet-5 in the quick set; with torchvision installed, AlexNet, VGG-11 and SqueezeNet 1.1 in the full set."""
+    if selection == "smoke":
+        return []
+    shapes = [MODEL_SHAPES[0]]
+    if selection == "full" and importlib.util.find_spec("torchvision") is not None:
+        shapes += MODEL_SHAPES[1:]
+    return shapes
+
+
+def _models(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The model per implementation, all with the same initial weights."""
+    torch.manual_seed(SEED)
+    native = shape.make().to(device, dtype)
+    return {"ptfast": ptfast.fuse(native), "eager": native, "compile": copy.deepcopy(native)}
+
+
+def _model_images(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(SEED)
+    images = _random((shape.batch, shape.channels, shape.size, shape.size), device, dtype, generator)
+    labels = torch.randint(0, 10, (shape.batch,), generator=generator).to(device)
+    return images, labels
+
+
+def _model_loss(shape: ModelShape, output: Tensor, labels: Tensor) -> Tensor:
+    # LeNet5 ends in log_softmax (fused by ptfast.fuse); torchvision's models give logits.
+    return F.nll_loss(output, labels) if shape.name == "lenet5" else F.cross_entropy(output, labels)
+
+
+def _model_train_step(shape: ModelShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        images, labels = _model_images(shape, device, dtype)
+
+        def step(name: str, model: torch.nn.Module) -> Step:
+            model.train()
+            forward = compile_native(model, compile_backend) if name == "compile" else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def train_step() -> Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = _model_loss(shape, forward(images), labels)
+                loss.backward()
+                optimizer.step()
+                return loss
+
+            return train_step
+
+        return {name: step(name, model) for name, model in _models(shape, device, dtype).items()}
+
+    return build
+
+
+def _model_inference(shape: ModelShape) -> Build:
+    def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
+        images, _ = _model_images(shape, device, dtype)
+
+        def step(name: str, model: torch.nn.Module) -> Step:
+            model.eval()
+            forward = compile_native(model, compile_backend) if name == "compile" else model
+            return _no_grad(functools.partial(forward, images))
+
+        return {name: step(name, model) for name, model in _models(shape, device, dtype).items()}
+
+    return build
+
+
 # --------------------------------------------------------------------------- selection
 
 
@@ -403,6 +550,11 @@ def all_cases(selection: Selection) -> list[Case]:
         cases += [
             Case("mnist_cnn", "train_step", f"N{batch}", _mnist_train_step(batch), backend),
             Case("mnist_cnn", "inference", f"N{batch}", _mnist_inference(batch), backend),
+        ]
+    for shape in model_shapes(selection):
+        cases += [
+            Case("models", "train_step", shape.describe(), _model_train_step(shape), backend),
+            Case("models", "inference", shape.describe(), _model_inference(shape), backend),
         ]
     return cases
 

@@ -28,7 +28,7 @@ from ptfast.apps.bench.machine import describe_machine
 from ptfast.apps.bench.memory import MemoryResult, measure_block_memory
 from ptfast.apps.bench.report import text_report, write_report
 from ptfast.apps.bench.runner import CaseResult, run_cases
-from ptfast.apps.bench.timing import TIMING_SETTINGS, keep_freed_memory_mapped, matmul_gflops
+from ptfast.apps.bench.timing import TIMING_SETTINGS, keep_freed_memory_mapped, peak_gflops
 from ptfast.apps.paths import write_problem
 
 
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: list[CaseResult] = []
     memory: list[MemoryResult] = []
-    gemm_gflops: dict[str, float] = {}
+    peak: dict[str, float | None] = {}
     for device in devices:
-        gemm_gflops[device.type] = round(matmul_gflops(device), 1)
+        device_peak = peak_gflops(device)
+        peak[device.type] = None if device_peak is None else round(device_peak, 1)
         results += run_cases(cases, device, settings, dtype, progress=_progress)
         for shape in memory_shapes:
             memory.append(measure_block_memory(shape, device, COMPILE_BACKENDS[selection], dtype))
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.perf_counter() - start, 1),
         "machine": machine.to_dict(),
         "machine_summary": machine.describe(),
-        "gemm_gflops": gemm_gflops,
+        "peak_gflops": peak,
         "freed_memory_kept_mapped": freed_memory_kept_mapped,
     }
     print(text_report(document, results, memory))

@@ -15,7 +15,6 @@ from typing import Any
 from ptfast.apps.bench.cases import FAMILIES, IMPLEMENTATIONS
 from ptfast.apps.bench.memory import MemoryResult
 from ptfast.apps.bench.runner import CaseResult
-from ptfast.apps.bench.timing import GEMM_SIZE
 
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
@@ -46,15 +45,15 @@ def format_bytes(size: int | None) -> str:
     return f"{size} B"
 
 
-def format_gflops(gflops: float | None, gemm_gflops: float | None) -> str:
-    """'131 (41%)': GFLOP/s and its share of the device's GEMM rate; '-' where FLOPs are not counted."""
+def format_gflops(gflops: float | None, peak_gflops: float | None) -> str:
+    """'131 (41%)': GFLOP/s and its share of the device's peak rate; '-' where FLOPs are not counted."""
     if gflops is None:
         return "-"
-    share = f" ({100 * gflops / gemm_gflops:.0f}%)" if gemm_gflops else ""
+    share = f" ({100 * gflops / peak_gflops:.0f}%)" if peak_gflops else ""
     return f"{gflops:.3g}{share}"
 
 
-def _case_rows(results: list[CaseResult], gemm_gflops: float | None) -> list[list[str]]:
+def _case_rows(results: list[CaseResult], peak_gflops: float | None) -> list[list[str]]:
     rows = []
     for result in results:
         if result.skipped:
@@ -63,16 +62,16 @@ def _case_rows(results: list[CaseResult], gemm_gflops: float | None) -> list[lis
         times = [format_time(result.times_s.get(name)) for name in IMPLEMENTATIONS]
         speedups = [format_speedup(result.speedup(baseline)) for baseline in BASELINES]
         notes = "; ".join(f"{name} failed: {error}" for name, error in result.errors.items())
-        rows.append([result.case, *times, *speedups, format_gflops(result.gflops(), gemm_gflops), notes])
+        rows.append([result.case, *times, *speedups, format_gflops(result.gflops(), peak_gflops), notes])
     return rows
 
 
-CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "ptfast GFLOP/s (% of GEMM)", "notes"]
+CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "ptfast GFLOP/s (% of peak)", "notes"]
 GFLOPS_NOTE = (
     "GFLOP/s count 2 FLOPs per multiply-add of the block's convolution (forward+backward: also its weight "
     "gradient and, when the input requires grad, its input gradient, as dense convolutions), not the ReLU or "
-    "pooling; the share is of a {size}x{size}x{size} float32 matmul on the same device in the same run "
-    "({gemm} GFLOP/s)."
+    "pooling; the share is of the device's peak float32 multiply-add rate, measured in the same run by a "
+    "register-only kernel ({peak} GFLOP/s)."
 )
 
 
@@ -132,11 +131,11 @@ def text_report(document: dict[str, Any], results: list[CaseResult], memory: lis
     for device in _devices(results, memory):
         device_results = [r for r in results if r.device == device]
         if device_results:
-            gemm = document.get("gemm_gflops", {}).get(device)
+            peak = document.get("peak_gflops", {}).get(device)
             parts += [
                 "",
-                f"== {device} (float32 GEMM: {gemm} GFLOP/s) ==",
-                _text_table(CASE_HEADER, _case_rows(device_results, gemm)),
+                f"== {device} (peak float32: {peak} GFLOP/s) ==",
+                _text_table(CASE_HEADER, _case_rows(device_results, peak)),
             ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:
@@ -172,14 +171,14 @@ def markdown_report(
     for device in _devices(results, memory):
         device_results = [r for r in results if r.device == device]
         if device_results:
-            gemm = document.get("gemm_gflops", {}).get(device)
+            peak = document.get("peak_gflops", {}).get(device)
             lines += [
                 "",
                 f"## {device.upper()}",
                 "",
-                _markdown_table(CASE_HEADER, _case_rows(device_results, gemm)),
+                _markdown_table(CASE_HEADER, _case_rows(device_results, peak)),
                 "",
-                GFLOPS_NOTE.format(size=GEMM_SIZE, gemm=gemm),
+                GFLOPS_NOTE.format(peak=peak),
             ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:

@@ -175,16 +175,12 @@ def keep_freed_memory_mapped() -> bool:
     return all(libc.mallopt(option, KEEP_MAPPED_BYTES) == 1 for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
 
 
-GEMM_SIZE = 1024
+def peak_gflops(device: torch.device) -> float | None:
+    """The device's peak float32 rate at the run's thread count, the reference the report sets
+    the blocks' GFLOP/s against: on the CPU, ptfast's register-only multiply-add kernel (best of
+    5 runs of about 20 ms); None on CUDA, where no probe is run."""
+    if device.type != "cpu":
+        return None
+    from ptfast import _C
 
-
-def matmul_gflops(device: torch.device, size: int = GEMM_SIZE, repeats: int = 7) -> float:
-    """The machine's float32 GEMM rate on `device` (size x size x size, at the run's thread count),
-    median of `repeats`: the reference the report sets the blocks' GFLOP/s against."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    seconds_per_call(lambda: a @ b, 3, device)
-    calls = max(1, int(0.02 / max(seconds_per_call(lambda: a @ b, 1, device), 1e-9)))
-    median_s = statistics.median(seconds_per_call(lambda: a @ b, calls, device) for _ in range(repeats))
-    return 2 * size**3 / median_s / 1e9
-
+    return _C._peak_fp32_gflops()
