@@ -231,8 +231,8 @@ def _mnist_block2(batch: int) -> BlockShape:
 
 
 # The blocks of AlexNet and VGG (ImageNet-sized, small batches): many
-# channels, where the vendor path serves them (README, "Which path serves a
-# block").
+# channels, where the vendor path serves them
+# (README, "Which path serves a block").
 LARGE_BLOCKS = [
     BlockShape("alexnet1", 8, 3, 64, 11, 224, 2, input_requires_grad=False, stride=4, pool_kernel=3),
     BlockShape("alexnet2", 8, 64, 192, 5, 27, 2, input_requires_grad=True, pool_kernel=3),
