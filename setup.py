@@ -9,6 +9,8 @@ so the build records that torch: the wheel requires exactly it
 ptfast/_build_info.py, written next to ptfast._C, lets ``import ptfast``
 refuse another torch with one clear message before loading ptfast._C.
 
+ptfast._C uses no Python API beyond its module init (csrc/ptfast.cpp), so it
+is built for the stable ABI (abi3): one wheel serves every Python >= 3.10.
 
 Every file in csrc/ops/cpu/isa/ is compiled once per instruction set
 (DEFAULT, plus AVX2 and AVX512 on x86-64) and the copy matching the running
@@ -159,7 +161,11 @@ class BuildExtensionWithIsaCopies(BuildExtension):
         info_path.write_text(info)
 
     def copy_extensions_to_source(self):
-        """In-place and editable builds: the build record goes with the library."""
+        """In-place and editable builds: the library, its build record, and no stale library.
+
+        Python imports ``_C.cpython-311-x86_64-linux-gnu.so`` ahead of
+        ``_C.abi3.so``, so a library left by an older build would shadow the new one.
+        """
         super().copy_extensions_to_source()
         build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
@@ -167,6 +173,11 @@ class BuildExtensionWithIsaCopies(BuildExtension):
             package_dir = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
             built = Path(self.build_lib, filename)
             self.copy_file(str(built.with_name(BUILD_INFO)), str(package_dir / BUILD_INFO), level=self.verbose)
+            name = ext.name.rpartition(".")[2]
+            for stale in [*package_dir.glob(f"{name}.*.so"), *package_dir.glob(f"{name}.so")]:
+                if stale.name != built.name:
+                    print(f"removing {stale} (left by an older build)", file=sys.stderr)
+                    stale.unlink()
 
 
 def extensions() -> list:
@@ -190,6 +201,9 @@ def extensions() -> list:
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
             depends=sorted(str(p) for p in (ROOT / CSRC).rglob("*.h")),
+            # The stable ABI: torch adds -DPy_LIMITED_API (3.10) and leaves out
+            # libtorch_python, which ptfast._C does not use.
+            py_limited_api=True,
         )
     ]
 
@@ -199,4 +213,5 @@ setup(
     cmdclass={"build_ext": BuildExtensionWithIsaCopies},
     # pyproject.toml declares dependencies dynamic: they are computed here.
     install_requires=[torch_requirement()],
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
