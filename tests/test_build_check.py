@@ -57,8 +57,11 @@ def copy_of_ptfast(tmp_path: Path, build_info: str | None) -> Path:
     return tmp_path
 
 
+# An editable install's finder (setuptools' __editable__ module) would resolve
+# ptfast's submodules in the installed checkout, past the copy: leave it out.
 IMPORT = """
 import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 try:
     import ptfast
 except ImportError as error:
