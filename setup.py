@@ -52,9 +52,9 @@ except ModuleNotFoundError:
     )
 
 # The oldest torch ptfast builds against (the GPU check, benchmarks/gpu_check.sh,
-# builds against 2.11 and runs the CUDA tests), and the ones CI runs the whole
-# suite on (.ci/run). ptfast.fuse relies on torch.fx internals, so another torch
-# deserves a run of the suite.
+# builds against 2.11 and runs the CUDA tests), and the ones CI tests (.ci/run:
+# the suite on 2.14.1, the library's tests on 2.13.0). ptfast.fuse relies on
+# torch.fx internals, so another torch deserves a run of the suite.
 OLDEST_TORCH = "2.11"
 TESTED_TORCHES = ("2.13.0", "2.14.1")
 if torch.__version__ < OLDEST_TORCH:
