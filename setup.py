@@ -1,7 +1,16 @@
 """Builds ptfast._C, the C++ extension holding the ptfast operators.
 
-It compiles against the torch already installed, so install with
-``pip install --no-build-isolation .`` (see README.md).
+``pip install .`` builds in an isolated environment holding the torch pinned
+in pyproject.toml's [build-system]; ``pip install --no-build-isolation .``
+builds against the torch already installed (faster: nothing to download).
+Either way the extension works only with the torch it was compiled against,
+so the build records that torch: the wheel requires exactly it
+(``torch==<version>``, as torchvision's release wheels do), and
+ptfast/_build_info.py, written next to ptfast._C, lets ``import ptfast``
+refuse another torch with one clear message before loading ptfast._C.
+
+ptfast._C uses no Python API beyond its module init (csrc/ptfast.cpp), so it
+is built for the stable ABI (abi3): one wheel serves every Python >= 3.10.
 
 Every file in csrc/ops/cpu/isa/ is compiled once per instruction set
 (DEFAULT, plus AVX2 and AVX512 on x86-64) and the copy matching the running
@@ -17,6 +26,7 @@ for newer GPUs) when none is visible.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -33,10 +43,27 @@ try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ModuleNotFoundError:
+    # Only with --no-build-isolation: otherwise pip installs the torch pinned in
+    # pyproject.toml's [build-system] before running this file.
     sys.exit(
-        "ptfast compiles against your installed torch: run "
-        "`pip install -r requirements.txt` and then "
-        "`pip install --no-build-isolation .`"
+        "ptfast compiles against torch, which this environment lacks: install torch first "
+        "(`pip install -r requirements.txt`), or drop --no-build-isolation to build against "
+        "the torch pinned in pyproject.toml"
+    )
+
+# The oldest torch ptfast builds against (the GPU check, benchmarks/gpu_check.sh,
+# builds against 2.11 and runs the CUDA tests), and the ones CI tests (.ci/run:
+# the suite on 2.14.1, the library's tests on 2.13.0). ptfast.fuse relies on
+# torch.fx internals, so another torch deserves a run of the suite.
+OLDEST_TORCH = "2.11"
+TESTED_TORCHES = ("2.13.0", "2.14.1")
+if torch.__version__ < OLDEST_TORCH:
+    sys.exit(f"ptfast needs torch {OLDEST_TORCH} or later to build, got torch {torch.__version__}")
+if torch.__version__.split("+")[0] not in TESTED_TORCHES:
+    print(
+        f"warning: building ptfast against torch {torch.__version__}; CI tests torch "
+        f"{' and '.join(TESTED_TORCHES)}: run `python -m pytest` before relying on it",
+        file=sys.stderr,
     )
 
 ROOT = Path(__file__).resolve().parent
@@ -77,10 +104,46 @@ else:
     ISA_FLAGS = {"DEFAULT": []}
 
 
+def torch_requirement() -> str:
+    """``torch==<the torch being built against>``, in the version pip knows it by.
+
+    torch.__version__ may carry a local label (2.14.1+cu130) that the
+    installed distribution's metadata lacks (2.14.1); pip matches the latter.
+    """
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = torch.__version__
+    if not torch.__version__.startswith(version):  # metadata of another torch than the one imported
+        version = torch.__version__
+    return f"torch=={version}"
+
+
+def build_info(with_cuda: bool) -> str:
+    """The text of ptfast/_build_info.py for a build against the running torch."""
+    cuda = repr(torch.version.cuda) if with_cuda else "None"
+    return (
+        "# Written by setup.py when ptfast._C was built (not in git). ptfast/_build_check.py\n"
+        "# compares it with the running torch before ptfast._C is loaded.\n"
+        f'TORCH_VERSION = "{torch.__version__}"  # torch.__version__ at build time\n'
+        f"CUDA_VERSION = {cuda}  # CUDA the kernels were compiled for; None: CPU kernels only\n"
+    )
+
+
+BUILD_INFO = "_build_info.py"
+
+
 class BuildExtensionWithIsaCopies(BuildExtension):
-    """BuildExtension that also compiles ISA_SOURCES once per instruction set."""
+    """BuildExtension that also compiles ISA_SOURCES once per instruction set
+    and writes ptfast/_build_info.py next to ptfast._C."""
 
     def build_extension(self, ext):
+        info_path = Path(self.get_ext_fullpath(ext.name)).with_name(BUILD_INFO)
+        info = build_info(with_cuda=any(source.endswith(".cu") for source in ext.sources))
+        if not info_path.is_file() or info_path.read_text() != info:
+            # setuptools relinks only when a source is newer than the library:
+            # after a change of torch (or of CUDA on/off) nothing may be.
+            self.force = True
         objects = []
         for isa, flags in ISA_FLAGS.items():
             defines = [f"-DCPU_CAPABILITY={isa}"]
@@ -95,6 +158,26 @@ class BuildExtensionWithIsaCopies(BuildExtension):
             )
         ext.extra_objects = objects + list(ext.extra_objects or [])
         super().build_extension(ext)
+        info_path.write_text(info)
+
+    def copy_extensions_to_source(self):
+        """In-place and editable builds: the library, its build record, and no stale library.
+
+        Python imports ``_C.cpython-311-x86_64-linux-gnu.so`` ahead of
+        ``_C.abi3.so``, so a library left by an older build would shadow the new one.
+        """
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            filename = self.get_ext_filename(self.get_ext_fullname(ext.name))
+            package_dir = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
+            built = Path(self.build_lib, filename)
+            self.copy_file(str(built.with_name(BUILD_INFO)), str(package_dir / BUILD_INFO), level=self.verbose)
+            name = ext.name.rpartition(".")[2]
+            for stale in [*package_dir.glob(f"{name}.*.so"), *package_dir.glob(f"{name}.so")]:
+                if stale.name != built.name:
+                    print(f"removing {stale} (left by an older build)", file=sys.stderr)
+                    stale.unlink()
 
 
 def extensions() -> list:
@@ -118,6 +201,9 @@ def extensions() -> list:
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
             depends=sorted(str(p) for p in (ROOT / CSRC).rglob("*.h")),
+            # The stable ABI: torch adds -DPy_LIMITED_API (3.10) and leaves out
+            # libtorch_python, which ptfast._C does not use.
+            py_limited_api=True,
         )
     ]
 
@@ -125,4 +211,7 @@ def extensions() -> list:
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensionWithIsaCopies},
+    # pyproject.toml declares dependencies dynamic: they are computed here.
+    install_requires=[torch_requirement()],
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -12,6 +12,11 @@ The operators are also reachable as ``torch.ops.ptfast.*``.
 
 import torch  # noqa: F401  (loads libtorch, which ptfast._C links against)
 
+from ptfast._build_check import check_torch_version
+
+# Before loading ptfast._C: compiled against another torch, it may not even load.
+check_torch_version()
+
 from ptfast import _C  # noqa: F401  (loads the library that registers the operators)
 from ptfast import _fake  # noqa: F401  (registers their fake implementations)
 from ptfast import backends, nn
