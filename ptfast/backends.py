@@ -9,8 +9,8 @@ conv2d -> ReLU -> max_pool2d block on the CPU:
   compute them, and ptfast runs only the fused epilogue (ReLU, pooling, the
   1-byte arg-max codes) and builds the conv-output gradient from the codes;
   fastest where channel counts are large (AlexNet, VGG).
-- ``"auto"`` (the default): a measured rule chooses per call from the shapes
-  (see README, "Which path serves a block").
+- ``"auto"`` (the default): a measured rule chooses per call from the shapes,
+  for the forward and the backward apart (see README, "Which path serves a block").
 
 Both paths save the same tensors for backward and agree with native PyTorch
 as closely as each other. The environment variable ``PTFAST_CPU_CONV_BLOCK``
@@ -80,9 +80,10 @@ class _CpuBackend:
         pool_stride: IntOrPair | None = None,
         pool_padding: IntOrPair = 0,
         ceil_mode: bool = False,
+        backward: bool = False,
     ) -> Literal["direct", "vendor"]:
         """The path a CPU call of ``ptfast.conv2d_relu_max_pool2d`` with these
-        arguments takes now, forward and backward.
+        arguments takes now: its forward, or with ``backward=True`` its backward.
 
         Shapes: input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW);
         only the shapes are read, so meta tensors do.
@@ -99,6 +100,7 @@ class _CpuBackend:
             pool_kernel_size if pool_stride is None else _pair(pool_stride),
             _pair(pool_padding),
             ceil_mode,
+            backward,
         )
         return _PATH_NAMES[path]
 

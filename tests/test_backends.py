@@ -62,28 +62,32 @@ def test_bad_environment_variable_names_it():
     assert "PTFAST_CPU_CONV_BLOCK must be 'auto', 'direct' or 'vendor', got 'fastest'" in result.stderr
 
 
-# (id, (in channels, out channels, size, kernel), op keyword arguments, the path auto takes)
+# (id, (in channels, out channels, size, kernel), op keyword arguments, the paths auto takes: forward, backward)
+POOL3 = dict(pool_kernel_size=3, pool_stride=2)
 RULE = [
-    ("mnist_block1", (1, 10, 28, 5), {}, "direct"),
-    ("mnist_block2", (10, 20, 12, 5), {}, "direct"),
-    ("lenet_block2", (6, 16, 14, 5), {}, "direct"),
-    ("cifar_3_32", (3, 32, 32, 3), dict(padding=1), "direct"),
-    ("cifar_32_64", (32, 64, 16, 3), dict(padding=1), "direct"),
-    ("vgg_3_64", (3, 64, 224, 3), dict(padding=1), "direct"),
-    ("products_319", (319, 8, 6, 1), {}, "direct"),
-    ("products_320", (320, 8, 6, 1), {}, "vendor"),
-    ("alexnet_conv1", (3, 64, 224, 11), dict(stride=4, padding=2, pool_kernel_size=3, pool_stride=2), "vendor"),
-    ("alexnet_conv2", (64, 192, 27, 5), dict(padding=2, pool_kernel_size=3, pool_stride=2), "vendor"),
-    ("vgg_64_128", (64, 128, 112, 3), dict(padding=1), "vendor"),
-    ("vgg_512_512", (512, 512, 14, 3), dict(padding=1), "vendor"),
+    ("mnist_block1", (1, 10, 28, 5), {}, ("direct", "direct")),
+    ("mnist_block2", (10, 20, 12, 5), {}, ("direct", "direct")),
+    ("lenet_block2", (6, 16, 14, 5), {}, ("direct", "direct")),
+    ("cifar_3_32", (3, 32, 32, 3), dict(padding=1), ("direct", "direct")),
+    ("cifar_32_64", (32, 64, 16, 3), dict(padding=1), ("direct", "direct")),
+    ("vgg_3_64", (3, 64, 224, 3), dict(padding=1), ("direct", "direct")),
+    ("products_319", (319, 8, 6, 1), {}, ("direct", "direct")),
+    ("products_320", (320, 8, 6, 1), {}, ("vendor", "vendor")),
+    ("squeezenet_conv1", (3, 64, 224, 3), dict(stride=2, ceil_mode=True, **POOL3), ("direct", "vendor")),
+    ("overlapping_rows_only", (3, 8, 20, 3), dict(pool_kernel_size=(3, 2), pool_stride=(2, 2)), ("direct", "vendor")),
+    ("alexnet_conv1", (3, 64, 224, 11), dict(stride=4, padding=2, **POOL3), ("vendor", "vendor")),
+    ("alexnet_conv2", (64, 192, 27, 5), dict(padding=2, **POOL3), ("vendor", "vendor")),
+    ("vgg_64_128", (64, 128, 112, 3), dict(padding=1), ("vendor", "vendor")),
+    ("vgg_512_512", (512, 512, 14, 3), dict(padding=1), ("vendor", "vendor")),
 ]
 
 
 @pytest.mark.parametrize("dims,kwargs,expected", [r[1:] for r in RULE], ids=[r[0] for r in RULE])
 def test_auto_rule(dims, kwargs, expected):
-    """The documented rule: vendor from 320 products (in channels per group x kernel taps) per conv output."""
+    """The documented rule: vendor from 320 products (in channels per group x kernel taps) per conv
+    output; below that direct, except the backward of overlapping pooling windows."""
     x, w = _meta_block(*dims)
-    assert cpu.conv_block_path(x, w, **kwargs) == expected
+    assert (cpu.conv_block_path(x, w, **kwargs), cpu.conv_block_path(x, w, backward=True, **kwargs)) == expected
 
 
 def test_rule_counts_products_per_group():
@@ -97,7 +101,7 @@ def test_rule_counts_products_per_group():
 def test_forced_path_overrides_the_rule(forced):
     x, w = _meta_block(512, 512, 14, 3)
     with cpu.flags(conv_block=forced):
-        assert cpu.conv_block_path(x, w) == forced
+        assert cpu.conv_block_path(x, w) == cpu.conv_block_path(x, w, backward=True) == forced
 
 
 def test_conv_block_path_checks_its_arguments():
@@ -113,20 +117,25 @@ def _forward_and_gradients(x, w, b, **kwargs):
     return [out, *torch.autograd.grad(out, (x, w, b), torch.ones_like(out))]
 
 
-@pytest.mark.parametrize("channels,expected", [(8, "direct"), (40, "vendor")])
-def test_auto_runs_the_path_the_rule_names(channels, expected):
-    """auto gives bitwise the forced path's results, and those differ from the other path's rounding."""
+@pytest.mark.parametrize("channels,pool,expected", [
+    (8, 2, ("direct", "direct")), (8, 3, ("direct", "vendor")), (40, 2, ("vendor", "vendor")),
+])
+def test_auto_runs_the_paths_the_rule_names(channels, pool, expected):
+    """auto gives bitwise the forced paths' results, forward from one and gradients from the other
+    where the rule says so; the two paths' roundings differ, so this tells them apart."""
     x, w, b = block_inputs(4, channels, 16, 12, 12, 3, 1, True, torch.float32)
     x = (x.detach() + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).requires_grad_()
-    assert cpu.conv_block_path(x, w, padding=1) == expected
-    auto = _forward_and_gradients(x, w, b, padding=1)
+    kwargs = dict(padding=1, pool_kernel_size=pool, pool_stride=2)
+    assert (cpu.conv_block_path(x, w, **kwargs), cpu.conv_block_path(x, w, backward=True, **kwargs)) == expected
+    auto = _forward_and_gradients(x, w, b, **kwargs)
     results = {}
     for path in ("direct", "vendor"):
         with cpu.flags(conv_block=path):
-            results[path] = _forward_and_gradients(x, w, b, padding=1)
-    other = "vendor" if expected == "direct" else "direct"
-    assert all(torch.equal(a, e) for a, e in zip(auto, results[expected]))
-    assert not all(torch.equal(a, e) for a, e in zip(auto, results[other]))
+            results[path] = _forward_and_gradients(x, w, b, **kwargs)
+    forward, backward = expected
+    assert torch.equal(auto[0], results[forward][0])
+    assert all(torch.equal(a, e) for a, e in zip(auto[1:], results[backward][1:]))
+    assert not all(torch.equal(a, e) for a, e in zip(auto[1:], results["vendor" if backward == "direct" else "direct"][1:]))
 
 
 @pytest.mark.parametrize("kwargs,bad_code", [

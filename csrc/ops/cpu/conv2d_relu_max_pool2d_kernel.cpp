@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
   if (t.output.numel() == 0) {
     return {t.output, t.codes};
   }
-  if (choose_path(t.shape, t.params) == ConvBlockPath::kVendor) {
+  if (choose_path(t.shape, t.params, ConvBlockPass::kForward) ==
+      ConvBlockPath::kVendor) {
     vendor_forward(t);
   } else {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
@@ -252,7 +253,8 @@ conv2d_relu_max_pool2d_backward_cpu(
     }
     return {t.grad_input, t.grad_weight, t.grad_bias};
   }
-  if (choose_path(t.shape, t.params) == ConvBlockPath::kVendor) {
+  if (choose_path(t.shape, t.params, ConvBlockPass::kBackward) ==
+      ConvBlockPath::kVendor) {
     return vendor_backward(t, output_mask);
   }
   bool input_non_finite = false;
@@ -276,13 +278,15 @@ int64_t conv_block_path(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
-    at::IntArrayRef pool_padding, bool ceil_mode) {
+    at::IntArrayRef pool_padding, bool ceil_mode, bool backward) {
   const auto params = ops::make_conv2d_relu_max_pool2d_params(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, ceil_mode);
   const auto shape = ops::check_conv2d_relu_max_pool2d_inputs(
       input, weight, std::nullopt, params);
-  return static_cast<int64_t>(choose_path(shape, params));
+  return static_cast<int64_t>(choose_path(
+      shape, params,
+      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward));
 }
 
 }  // namespace
@@ -292,7 +296,7 @@ TORCH_LIBRARY_FRAGMENT(ptfast, m) {
       "_conv2d_relu_max_pool2d_cpu_path(Tensor input, Tensor weight, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "int[2] pool_kernel_size, int[2] pool_stride, int[2] pool_padding, "
-      "bool ceil_mode) -> int");
+      "bool ceil_mode, bool backward) -> int");
 }
 
 TORCH_LIBRARY_IMPL(ptfast, CompositeExplicitAutograd, m) {

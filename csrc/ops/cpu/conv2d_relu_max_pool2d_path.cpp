@@ -43,7 +43,7 @@ bool parse_conv_block_path(std::string_view name, ConvBlockPath* path) {
 
 ConvBlockPath choose_path(
     const ops::Conv2dReluMaxPool2dShape& s,
-    const ops::Conv2dReluMaxPool2dParams& p) {
+    const ops::Conv2dReluMaxPool2dParams& p, ConvBlockPass pass) {
   const ConvBlockPath forced = conv_block_policy();
   if (forced != ConvBlockPath::kAuto) {
     return forced;
@@ -51,17 +51,28 @@ ConvBlockPath choose_path(
   // The direct kernels win by far where each conv output sums few products
   // (the MNIST, LeNet and CIFAR-input blocks: 3.5x-8x eager), and lose
   // where it sums many: oneDNN's convolution is register-blocked over input
-  // channels, the direct kernels are not. Measured on one thread with an
-  // idle core beside it (benchmarks/NOTES.md, "Direct or vendor"), the two
-  // cross between 288 products per output (32 -> 64 channels, 3x3: direct
-  // 1.5x-2x faster in both passes) and 400 (16 -> 32, 5x5: vendor 1.2x-1.4x
-  // faster), the same in the forward and the backward; between 320 and 600 they
-  // are within 30% of each other, and the vendor path is preferred there
+  // channels, the direct kernels are not. Measured (benchmarks/NOTES.md,
+  // "Direct or vendor"), the two cross between 288 products per output
+  // (32 -> 64 channels, 3x3: direct 1.5x-2x faster in both passes) and 400
+  // (16 -> 32, 5x5: vendor 1.2x-1.4x faster); between 320 and 600 they are
+  // within 30% of each other, and the vendor path is preferred there
   // because it cannot fall behind native.
   constexpr int64_t kVendorFromProducts = 320;
   const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
-  return products >= kVendorFromProducts ? ConvBlockPath::kVendor
-                                         : ConvBlockPath::kDirect;
+  if (products >= kVendorFromProducts) {
+    return ConvBlockPath::kVendor;
+  }
+  // Overlapping pooling windows send the direct backward down its general
+  // path, which updates the staged gradients position by position: 2x-2.9x
+  // slower than the vendor backward on SqueezeNet's and AlexNet's 3x3/2
+  // pooling, even with 27 products per output, while the direct forward
+  // stays 1.3x-4x faster.
+  const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
+                               p.pool_stride[1] < p.pool_kernel[1];
+  if (pass == ConvBlockPass::kBackward && windows_overlap) {
+    return ConvBlockPath::kVendor;
+  }
+  return ConvBlockPath::kDirect;
 }
 
 }  // namespace ptfast::cpu

@@ -9,8 +9,8 @@
 //
 // Both save the same tensors for backward (input, weight, 1-byte codes), so
 // the memory advantage over the native composite holds on either, and the
-// codes mean the same on both. `auto` picks by the measured rule in
-// choose_path().
+// forward and the backward of one call may take different paths: the codes
+// mean the same on both. `auto` picks by the measured rule in choose_path().
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
@@ -31,9 +31,12 @@ void set_conv_block_policy(ConvBlockPath path);
 std::string_view conv_block_path_name(ConvBlockPath path);
 bool parse_conv_block_path(std::string_view name, ConvBlockPath* path);
 
+// The pass a path is chosen for.
+enum class ConvBlockPass : int { kForward = 0, kBackward = 1 };
+
 // kDirect or kVendor: the policy, or under `auto` the measured rule.
 ConvBlockPath choose_path(
     const ops::Conv2dReluMaxPool2dShape& shape,
-    const ops::Conv2dReluMaxPool2dParams& params);
+    const ops::Conv2dReluMaxPool2dParams& params, ConvBlockPass pass);
 
 }  // namespace ptfast::cpu
