@@ -35,9 +35,6 @@ namespace {
 
 constexpr const char* kOp = "ptfast.conv2d_relu_max_pool2d";
 
-// Roughly how many conv outputs make a task worth a thread of its own.
-constexpr int64_t kGrainValues = 1 << 14;
-
 // (N, OC, conv_h * conv_w) bool: conv outputs whose gradient is zero.
 at::Tensor conv_positions_without_gradient(
     const at::Tensor& codes, const ops::Conv2dReluMaxPool2dShape& s,

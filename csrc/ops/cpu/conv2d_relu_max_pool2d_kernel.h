@@ -40,6 +40,10 @@ struct Conv2dReluMaxPool2dBackwardArgs {
   bool* weight_non_finite;
 };
 
+// Roughly how many conv outputs make a task worth a thread of its own, for
+// the vendor path's passes over whole conv planes (epilogue and gradient).
+constexpr int64_t kGrainValues = 1 << 14;
+
 // The vendor path's forward after ATen's convolution: ReLU, max-pooling
 // and arg-max codes in one pass over the conv output.
 struct Conv2dReluMaxPool2dEpilogueArgs {

@@ -21,9 +21,6 @@
 namespace ptfast::cpu {
 namespace {
 
-// Roughly how many conv outputs make a task worth a thread of its own.
-constexpr int64_t kGrainValues = 1 << 14;
-
 template <typename scalar_t, typename code_t>
 void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const auto& s = a.shape;
