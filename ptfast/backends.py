@@ -26,24 +26,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ptfast import _C
+from ptfast.functional import IntOrPair, block_arguments
 
 __all__ = ["cpu"]
 
 ConvBlock = Literal["auto", "direct", "vendor"]
-IntOrPair = Union[int, Sequence[int]]
 
 _ENVIRONMENT_VARIABLE = "PTFAST_CPU_CONV_BLOCK"
 _PATH_NAMES = {1: "direct", 2: "vendor"}
-
-
-def _pair(value: IntOrPair) -> list[int]:
-    return [value, value] if isinstance(value, int) else [value[0], value[-1]]
 
 
 class _CpuBackend:
@@ -73,7 +69,7 @@ class _CpuBackend:
         input: Tensor,
         weight: Tensor,
         stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
+        padding: IntOrPair | str = 0,
         dilation: IntOrPair = 1,
         groups: int = 1,
         pool_kernel_size: IntOrPair = 2,
@@ -85,23 +81,14 @@ class _CpuBackend:
         """The path a CPU call of ``ptfast.conv2d_relu_max_pool2d`` with these
         arguments takes now: its forward, or with ``backward=True`` its backward.
 
-        Shapes: input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW);
-        only the shapes are read, so meta tensors do.
+        Shapes: input (N, C_in, H, W) or (C_in, H, W), weight (C_out, C_in / groups, kH, kW);
+        arguments as ptfast.conv2d_relu_max_pool2d takes them. Only the shapes are
+        read, so meta tensors do.
         """
-        pool_kernel_size = _pair(pool_kernel_size)
-        path = torch.ops.ptfast._conv2d_relu_max_pool2d_cpu_path(
-            input,
-            weight,
-            _pair(stride),
-            _pair(padding),
-            _pair(dilation),
-            groups,
-            pool_kernel_size,
-            pool_kernel_size if pool_stride is None else _pair(pool_stride),
-            _pair(pool_padding),
-            ceil_mode,
-            backward,
+        input, arguments = block_arguments(
+            input, weight, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
         )
+        path = torch.ops.ptfast._conv2d_relu_max_pool2d_cpu_path(input, weight, *arguments, backward)
         return _PATH_NAMES[path]
 
 

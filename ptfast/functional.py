@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["conv2d_relu_max_pool2d", "log_softmax"]
+
 IntOrPair = Union[int, Sequence[int]]
 
 _OP = "ptfast.conv2d_relu_max_pool2d"
@@ -47,6 +49,55 @@ def _same_padding(
     return input, symmetric
 
 
+def block_arguments(
+    input: Tensor,
+    weight: Tensor,
+    stride: IntOrPair,
+    padding: IntOrPair | str,
+    dilation: IntOrPair,
+    groups: int,
+    pool_kernel_size: IntOrPair,
+    pool_stride: IntOrPair | None,
+    pool_padding: IntOrPair,
+    ceil_mode: bool,
+) -> tuple[Tensor, list]:
+    """The arguments of conv2d_relu_max_pool2d as ``torch.ops.ptfast`` takes them: the input
+    made 4-D (N, C_in, H, W) (and padded for an asymmetric 'same'), and the list
+    [stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode]
+    with every size a [height, width] pair. For ptfast's own front ends (also
+    ptfast.backends.cpu.conv_block_path); errors name the argument.
+    """
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{_OP}: `input` and `weight` must be tensors")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"{_OP}: `input` must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{_OP}: `groups` must be an int, got {groups!r}")
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"{_OP}: `ceil_mode` must be a bool, got {ceil_mode!r}")
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    pool_kernel_size = _pair(pool_kernel_size, "pool_kernel_size")
+    pool_stride = pool_kernel_size if pool_stride is None else _pair(pool_stride, "pool_stride")
+    pool_padding = _pair(pool_padding, "pool_padding")
+
+    if input.dim() == 3:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            input, padding = _same_padding(input, weight.shape[2:], stride, dilation)
+        else:
+            raise ValueError(f"{_OP}: `padding` must be 'valid', 'same', an int or a pair, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding")
+
+    return input, [stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode]
+
+
 def conv2d_relu_max_pool2d(
     input: Tensor,
     weight: Tensor,
@@ -74,38 +125,11 @@ def conv2d_relu_max_pool2d(
     ``pool_stride=None`` meaning ``pool_kernel_size``. The backward keeps only
     one arg-max code per pooled output (see README, "How it works", **Backward.**).
     """
-    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError(f"{_OP}: `input` and `weight` must be tensors")
-    if input.dim() not in (3, 4):
-        raise ValueError(
-            f"{_OP}: `input` must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
-        )
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise TypeError(f"{_OP}: `groups` must be an int, got {groups!r}")
-    if not isinstance(ceil_mode, bool):
-        raise TypeError(f"{_OP}: `ceil_mode` must be a bool, got {ceil_mode!r}")
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
-    pool_kernel_size = _pair(pool_kernel_size, "pool_kernel_size")
-    pool_stride = pool_kernel_size if pool_stride is None else _pair(pool_stride, "pool_stride")
-    pool_padding = _pair(pool_padding, "pool_padding")
-
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0, 0]
-        elif padding == "same":
-            input, padding = _same_padding(input, weight.shape[2:], stride, dilation)
-        else:
-            raise ValueError(f"{_OP}: `padding` must be 'valid', 'same', an int or a pair, got {padding!r}")
-    else:
-        padding = _pair(padding, "padding")
-
-    output = torch.ops.ptfast.conv2d_relu_max_pool2d(
-        input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
+    unbatched = isinstance(input, Tensor) and input.dim() == 3
+    input, arguments = block_arguments(
+        input, weight, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
     )
+    output = torch.ops.ptfast.conv2d_relu_max_pool2d(input, weight, bias, *arguments)
     return output.squeeze(0) if unbatched else output
 
 

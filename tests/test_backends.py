@@ -110,6 +110,14 @@ def test_conv_block_path_checks_its_arguments():
         cpu.conv_block_path(torch.empty(2, 5, 6, 6, device="meta"), w)
     with pytest.raises(RuntimeError, match="`pool_kernel_size`"):
         cpu.conv_block_path(x, w, pool_kernel_size=9)
+    with pytest.raises(TypeError, match="`stride` must be an int or a pair of ints"):
+        cpu.conv_block_path(x, w, stride=(1, 2, 3))
+
+
+def test_conv_block_path_takes_what_the_op_takes():
+    """Unbatched input and padding='same' as ptfast.conv2d_relu_max_pool2d accepts them."""
+    x, w = _meta_block(320, 8, 6, 1)
+    assert cpu.conv_block_path(x[0], w, padding="same") == "vendor"
 
 
 def _forward_and_gradients(x, w, b, **kwargs):
