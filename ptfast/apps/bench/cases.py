@@ -368,41 +368,54 @@ def _mnist_data(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[T
     return images, labels
 
 
+def _training_steps(
+    models: dict[str, torch.nn.Module], images: Tensor, loss: Callable[[Tensor], Tensor],
+    compile_backend: str, momentum: float,
+) -> dict[str, Step]:
+    """One SGD training step per implementation: zero the gradients, `loss` of the model's
+    output on `images`, backward, step ("compile" runs its model through torch.compile)."""
+
+    def step(name: str, model: torch.nn.Module) -> Step:
+        model.train()
+        forward = compile_native(model, compile_backend) if name == "compile" else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
+
+        def train_step() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            value = loss(forward(images))
+            value.backward()
+            optimizer.step()
+            return value
+
+        return train_step
+
+    return {name: step(name, model) for name, model in models.items()}
+
+
+def _inference_steps(models: dict[str, torch.nn.Module], images: Tensor, compile_backend: str) -> dict[str, Step]:
+    """One eval-mode, no-grad forward on `images` per implementation."""
+
+    def step(name: str, model: torch.nn.Module) -> Step:
+        model.eval()
+        forward = compile_native(model, compile_backend) if name == "compile" else model
+        return _no_grad(functools.partial(forward, images))
+
+    return {name: step(name, model) for name, model in models.items()}
+
+
 def _mnist_train_step(batch: int) -> Build:
     def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
-        models = _mnist_models(device, dtype)
         images, labels = _mnist_data(batch, device, dtype)
-
-        def step(model: torch.nn.Module, compiled: bool) -> Step:
-            model.train()
-            forward = compile_native(model, compile_backend) if compiled else model
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-
-            def train_step() -> Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.nll_loss(forward(images), labels)
-                loss.backward()
-                optimizer.step()
-                return loss
-
-            return train_step
-
-        return {name: step(model, compiled=name == "compile") for name, model in models.items()}
+        loss = functools.partial(F.nll_loss, target=labels)
+        return _training_steps(_mnist_models(device, dtype), images, loss, compile_backend, momentum=0.5)
 
     return build
 
 
 def _mnist_inference(batch: int) -> Build:
     def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
-        models = _mnist_models(device, dtype)
         images, _ = _mnist_data(batch, device, dtype)
-
-        def step(model: torch.nn.Module, compiled: bool) -> Step:
-            model.eval()
-            forward = compile_native(model, compile_backend) if compiled else model
-            return _no_grad(functools.partial(forward, images))
-
-        return {name: step(model, compiled=name == "compile") for name, model in models.items()}
+        return _inference_steps(_mnist_models(device, dtype), images, compile_backend)
 
     return build
 
@@ -483,30 +496,12 @@ def _model_images(shape: ModelShape, device: torch.device, dtype: torch.dtype) -
     return images, labels
 
 
-def _model_loss(shape: ModelShape, output: Tensor, labels: Tensor) -> Tensor:
-    # LeNet5 ends in log_softmax (fused by ptfast.fuse); torchvision's models give logits.
-    return F.nll_loss(output, labels) if shape.name == "lenet5" else F.cross_entropy(output, labels)
-
-
 def _model_train_step(shape: ModelShape) -> Build:
     def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
         images, labels = _model_images(shape, device, dtype)
-
-        def step(name: str, model: torch.nn.Module) -> Step:
-            model.train()
-            forward = compile_native(model, compile_backend) if name == "compile" else model
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-            def train_step() -> Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = _model_loss(shape, forward(images), labels)
-                loss.backward()
-                optimizer.step()
-                return loss
-
-            return train_step
-
-        return {name: step(name, model) for name, model in _models(shape, device, dtype).items()}
+        # LeNet5 ends in log_softmax (fused by ptfast.fuse); torchvision's models give logits.
+        loss = functools.partial(F.nll_loss if shape.name == "lenet5" else F.cross_entropy, target=labels)
+        return _training_steps(_models(shape, device, dtype), images, loss, compile_backend, momentum=0.9)
 
     return build
 
@@ -514,13 +509,7 @@ def _model_train_step(shape: ModelShape) -> Build:
 def _model_inference(shape: ModelShape) -> Build:
     def build(device: torch.device, dtype: torch.dtype, compile_backend: str) -> dict[str, Step]:
         images, _ = _model_images(shape, device, dtype)
-
-        def step(name: str, model: torch.nn.Module) -> Step:
-            model.eval()
-            forward = compile_native(model, compile_backend) if name == "compile" else model
-            return _no_grad(functools.partial(forward, images))
-
-        return {name: step(name, model) for name, model in _models(shape, device, dtype).items()}
+        return _inference_steps(_models(shape, device, dtype), images, compile_backend)
 
     return build
 
