@@ -24,6 +24,11 @@ struct Conv2dReluMaxPool2dParams {
   std::array<int64_t, 2> pool_stride;
   std::array<int64_t, 2> pool_padding;
   bool ceil_mode;
+
+  // Whether neighbouring pooling windows share conv outputs.
+  bool pool_windows_overlap() const {
+    return pool_stride[0] < pool_kernel[0] || pool_stride[1] < pool_kernel[1];
+  }
 };
 
 // Every size a kernel needs, derived once from the tensors and the params.

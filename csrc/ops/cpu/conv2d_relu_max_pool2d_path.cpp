@@ -67,9 +67,7 @@ ConvBlockPath choose_path(
   // slower than the vendor backward on SqueezeNet's and AlexNet's 3x3/2
   // pooling, even with 27 products per output, while the direct forward
   // stays 1.3x-4x faster.
-  const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
-                               p.pool_stride[1] < p.pool_kernel[1];
-  if (pass == ConvBlockPass::kBackward && windows_overlap) {
+  if (pass == ConvBlockPass::kBackward && p.pool_windows_overlap()) {
     return ConvBlockPath::kVendor;
   }
   return ConvBlockPath::kDirect;

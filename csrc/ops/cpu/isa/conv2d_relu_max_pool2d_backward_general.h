@@ -108,8 +108,7 @@ void backward_general(
   const scalar_t* weight =
       plan.need_input ? weight_tensor.const_data_ptr<scalar_t>() : nullptr;
   const geo::PoolGeometry pool = ops::pool_geometry(s, p);
-  const bool windows_overlap = p.pool_stride[0] < p.pool_kernel[0] ||
-                               p.pool_stride[1] < p.pool_kernel[1];
+  const bool windows_overlap = p.pool_windows_overlap();
   // One thread's buffers.
   struct Buffers {
     std::vector<scalar_t> image_cl, grad_cl, image_weight_grad;
