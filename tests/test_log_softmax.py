@@ -35,6 +35,61 @@ def test_matches_native(shape, dim, dtype, device):
     _check(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device) * 3, dim)
 
 
+# One shape per CPU path (csrc/ops/cpu/isa/log_softmax_isa.cpp): rows of one
+# element; short rows reduced across a block (16 rows a block on AVX-512
+# float32, a partial last block); longer rows along their length; a non-last
+# dim with fewer inner positions than a vector, transposed to rows by copies
+# (inner < 4) or register transposes, in chunks of slices or a slice larger
+# than a chunk; and vectors of inner positions.
+PATHS = {
+    "rows-of-one": ((37, 1), 1),
+    "rows-across": ((37, 10), 1),
+    "rows-across-full-blocks": ((32, 16), 1),
+    "rows-along": ((9, 17), 1),
+    "transposed-copies": ((7, 10, 2), 1),
+    "transposed-registers": ((17, 10, 15), 1),
+    "transposed-large-slice": ((2, 5000, 3), 1),
+    "inner-vectors": ((3, 7, 40), 1),
+}
+
+
+@pytest.mark.parametrize("shape,dim", PATHS.values(), ids=PATHS.keys())
+def test_each_path_matches_native(shape, dim, dtype, device):
+    _check(torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device) * 3, dim)
+
+
+@pytest.mark.parametrize("shape,dim", PATHS.values(), ids=PATHS.keys())
+def test_each_path_keeps_nan_and_inf(shape, dim, dtype, device):
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    flat = x.view(-1)
+    flat[0], flat[3], flat[-1] = float("nan"), float("inf"), -float("inf")
+    x.movedim(dim, -1)[(-1,) * (x.dim() - 1)] = -float("inf")  # a whole reduction of -inf: NaN
+    torch.testing.assert_close(ptfast.log_softmax(x, dim), F.log_softmax(x, dim), equal_nan=True)
+    _check(x, dim, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(17, 1000, 15), (2, 100000, 2), (64, 1000, 4)], ids=str)
+def test_long_reductions_at_least_as_accurate_as_native(shape):
+    # Along a non-last dim native sums one element after another; ptfast's
+    # transposed rows sum in vector lanes, a different rounding: compare both
+    # with float64 instead of with each other.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    grad = torch.randn(shape, generator=g)
+    x64 = x.detach().double().requires_grad_()
+    exact = F.log_softmax(x64, 1)
+    exact_grad, = torch.autograd.grad(exact, x64, grad.double())
+    for function in (ptfast.log_softmax, F.log_softmax):
+        out = function(x, 1)
+        got, = torch.autograd.grad(out, x, grad)
+        errors = [(out.double() - exact).abs().max().item(), (got.double() - exact_grad).abs().max().item()]
+        if function is ptfast.log_softmax:
+            ours = errors
+        else:
+            native = errors
+    assert ours[0] <= max(native[0], 1e-6) and ours[1] <= max(native[1], 1e-5), (ours, native)
+
+
 def test_non_contiguous(dtype):
     x = torch.randn(6, 40, dtype=dtype).t()
     assert not x.is_contiguous()

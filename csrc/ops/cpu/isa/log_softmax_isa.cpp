@@ -1,17 +1,13 @@
 // Vectorised CPU kernels of log_softmax and its backward. Compiled once per
 // instruction set (see csrc/ops/cpu/isa_dispatch.h).
 //
-// The tensor is viewed as (outer, dim_size, inner). When dim is the last one
-// (inner == 1) each row is reduced along its length, a row shorter than a
-// vector being one masked vector; otherwise a vector of `inner` positions is
-// reduced together along dim.
-//
-//   forward   y = (x - max) - log(sum(exp(x - max)))
-//   backward  dx = dy - exp(y) * sum(dy)
-//
-// Both are bound by memory on rows beyond the caches: each pass over a row
-// prefetches what the next pass or row needs.
+// The tensor is viewed as (outer, dim_size, inner). With dim last
+// (inner == 1) the threads share the rows (log_softmax_rows.h). With fewer
+// inner positions than a vector, slices of (dim_size, inner) are transposed,
+// an L1-sized chunk at a time, into rows of the last dim, and back. Otherwise
+// vectors of inner positions are reduced together along dim.
 #include "ops/cpu/log_softmax_kernel.h"
+#include "ops/cpu/isa/log_softmax_rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,24 +17,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
+#include <vector>
 
 namespace ptfast::cpu {
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
-
-// The first `count` lanes from `data`, the others set to `fill`.
-template <typename scalar_t>
-at::vec::Vectorized<scalar_t> load_partial(
-    const scalar_t* data, int64_t count, scalar_t fill) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  return Vec::set(Vec(fill), Vec::loadu(data, count), count);
-}
 
 // A backward's grad_input from this size up is written with streaming
 // (non-temporal) stores: whole cache lines go to memory without first being
@@ -51,150 +35,106 @@ bool use_streaming_stores(const at::Tensor& grad_input) {
   return grad_input.nbytes() >= kStreamingBytes;
 }
 
-// The cache line at `address`, asked for ahead of its use: to be read (into
-// L2, where it is read from twice more) or to be written.
-inline void prefetch_for_read(const void* address) {
-  __builtin_prefetch(address, 0, 2);
-}
-inline void prefetch_for_write(const void* address) {
-  __builtin_prefetch(address, 1, 3);
-}
+// Bytes of (dim_size, inner) slices transposed together: with their
+// transposed copies, they stay in L1 from the transpose through the passes
+// over the rows and back.
+constexpr int64_t kTransposedChunkBytes = 16 << 10;
 
-// Stores `value` at `aligned`, a multiple of the vector's size, around the
-// caches where the instruction set has streaming stores.
+// Whether the slices of `l` go through rows of the last dim: fewer inner
+// positions than a vector, which the inner kernels would fill partly
+// (4x100000x2 along dim 1: 2 of 16 lanes, 2.2x slower than native).
 template <typename scalar_t>
-void store_streaming(
-    const at::vec::Vectorized<scalar_t>& value, scalar_t* aligned) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm512_stream_ps(aligned, value);
-    return;
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    _mm512_stream_pd(aligned, value);
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm256_stream_ps(aligned, value);
-    return;
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    _mm256_stream_pd(aligned, value);
-    return;
-  }
-#endif
-  value.store(aligned);
+bool transposes_to_rows(const ops::LogSoftmaxLayout& l) {
+  return l.inner < at::vec::Vectorized<scalar_t>::size();
 }
 
-// Orders this thread's streaming stores before whatever it does next (the
-// end of a parallel task), as they bypass the usual store ordering.
-inline void finish_streaming_stores() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// Writes out[0, length) from value(i, count), the vector of elements
-// [i, i + count). With `streaming`, the vectors aligned in `out` are streamed
-// and the unaligned ends stored normally.
-template <typename scalar_t, typename Value>
-void write_row(
-    scalar_t* out, int64_t length, bool streaming, const Value& value) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  if (streaming) {
-    const int64_t misaligned = static_cast<int64_t>(
-        reinterpret_cast<uintptr_t>(out) % sizeof(Vec) / sizeof(scalar_t));
-    i = std::min(length, misaligned == 0 ? 0 : Vec::size() - misaligned);
-    if (i > 0) {
-      value(0, i).store(out, i);
-    }
-    for (; i + Vec::size() <= length; i += Vec::size()) {
-      store_streaming(value(i, Vec::size()), out + i);
-    }
-  } else {
-    for (; i + Vec::size() <= length; i += Vec::size()) {
-      value(i, Vec::size()).store(out + i);
-    }
-  }
-  if (i < length) {
-    value(i, length - i).store(out + i, length - i);
-  }
-}
-
-// data[0, count) for count up to the vector's size, zeros past it.
+// The elements a chunk of slices holds.
 template <typename scalar_t>
-at::vec::Vectorized<scalar_t> load(const scalar_t* data, int64_t count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  return count == Vec::size() ? Vec::loadu(data) : Vec::loadu(data, count);
+int64_t chunk_capacity(const ops::LogSoftmaxLayout& l) {
+  return std::max<int64_t>(
+      kTransposedChunkBytes / sizeof(scalar_t), l.dim_size * l.inner);
 }
 
-// Rows whose sums share one vector logarithm (as native does): short rows
-// would otherwise pay a whole vector log each. A group spans at most this many
-// bytes of input, so that it is still in L1 for the output pass.
-constexpr int64_t kGroupBytes = 16 << 10;
-
-template <typename scalar_t>
-void forward_last_dim(
-    const scalar_t* input, scalar_t* output, int64_t rows, int64_t length) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t full = length - length % Vec::size();
-  const int64_t rest = length - full;
-  const int64_t group = std::clamp<int64_t>(
-      kGroupBytes / (length * static_cast<int64_t>(sizeof(scalar_t))), 1,
-      Vec::size());
+// Calls rows_fn(first_slice, slice_count, buffers) for chunks of whole
+// slices, in parallel, with `buffer_count` scratch buffers of a chunk's
+// capacity per task, one after the other at `buffers`. A slice larger than
+// a chunk is a chunk of its own, in buffers of its size (from L2 or beyond).
+template <typename scalar_t, typename RowsFn>
+void for_each_chunk_of_slices(
+    const ops::LogSoftmaxLayout& l, int buffer_count, const RowsFn& rows_fn) {
+  const int64_t slice = l.dim_size * l.inner;
+  const int64_t per_chunk = chunk_capacity<scalar_t>(l) / slice;
+  const int64_t chunks = (l.outer + per_chunk - 1) / per_chunk;
   at::parallel_for(
-      0, rows, std::max<int64_t>(1, kGrainElements / length),
+      0, chunks, std::max<int64_t>(1, kGrainElements / (per_chunk * slice)),
       [&](int64_t begin, int64_t end) {
-        scalar_t maxima[Vec::size()];
-        scalar_t sums[Vec::size()];
-        for (int64_t first = begin; first < end; first += group) {
-          const int64_t count = std::min(group, end - first);
-          for (int64_t r = 0; r < count; ++r) {
-            const scalar_t* x = input + (first + r) * length;
-            Vec max_v(kLowest);
-            for (int64_t i = 0; i < full; i += Vec::size()) {
-              max_v = at::vec::maximum(max_v, Vec::loadu(x + i));
-            }
-            if (rest > 0) {
-              max_v = at::vec::maximum(
-                  max_v, load_partial(x + full, rest, kLowest));
-            }
-            maxima[r] = at::vec::vec_reduce_all<scalar_t>(
-                [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_v);
-            // This pass computes; the memory system meanwhile fetches the
-            // next row and the lines this row's output goes to.
-            const Vec max(maxima[r]);
-            const scalar_t* next_x = first + r + 1 < end ? x + length : nullptr;
-            scalar_t* y = output + (first + r) * length;
-            Vec sum_v(0);
-            for (int64_t i = 0; i < full; i += Vec::size()) {
-              if (next_x != nullptr) {
-                prefetch_for_read(next_x + i);
-              }
-              prefetch_for_write(y + i);
-              sum_v += (Vec::loadu(x + i) - max).exp();
-            }
-            if (rest > 0) {
-              sum_v += (load_partial(x + full, rest, kLowest) - max).exp();
-            }
-            sums[r] = at::vec::vec_reduce_all<scalar_t>(
-                [](Vec& a, Vec& b) { return a + b; }, sum_v);
-          }
-          // Native takes the logarithm of its row sums with the vectorised
-          // log too; std::log can differ in the last bit.
-          load(sums, count).log().store(sums, count);
-          for (int64_t r = 0; r < count; ++r) {
-            const scalar_t* x = input + (first + r) * length;
-            const Vec max(maxima[r]);
-            const Vec log_sum(sums[r]);
-            write_row(output + (first + r) * length, length,
-                      /*streaming=*/false, [&](int64_t i, int64_t n) {
-                        return (load(x + i, n) - max) - log_sum;
-                      });
-          }
+        std::vector<scalar_t> buffers(
+            buffer_count * chunk_capacity<scalar_t>(l));
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const int64_t first = chunk * per_chunk;
+          rows_fn(first, std::min(per_chunk, l.outer - first), buffers.data());
         }
       });
+}
+
+// Slices [first, first + count) at `from` as rows of dim_size at `to`, or
+// (`back`) the other way. A transpose_mxn call costs a whole 16x16 register
+// transpose: for fewer than 4 inner positions, plain copies cost less.
+template <typename scalar_t>
+void transpose_slices(
+    const ops::LogSoftmaxLayout& l, const scalar_t* from, scalar_t* to,
+    int64_t count, bool back) {
+  const int64_t slice = l.dim_size * l.inner;
+  const int64_t from_rows = back ? l.inner : l.dim_size;
+  const int64_t from_columns = back ? l.dim_size : l.inner;
+  for (int64_t s = 0; s < count; ++s) {
+    const scalar_t* source = from + s * slice;
+    scalar_t* target = to + s * slice;
+    if (l.inner < 4) {
+      for (int64_t r = 0; r < from_rows; ++r) {
+        for (int64_t c = 0; c < from_columns; ++c) {
+          target[c * from_rows + r] = source[r * from_columns + c];
+        }
+      }
+    } else {
+      at::vec::transpose_mxn<scalar_t>(
+          source, from_columns, target, from_rows,
+          static_cast<int>(from_rows), static_cast<int>(from_columns));
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_transposed(
+    const scalar_t* input, scalar_t* output, const ops::LogSoftmaxLayout& l) {
+  const int64_t slice = l.dim_size * l.inner;
+  for_each_chunk_of_slices<scalar_t>(
+      l, 1, [&](int64_t first, int64_t count, scalar_t* rows) {
+    transpose_slices(l, input + first * slice, rows, count, /*back=*/false);
+    forward_rows(
+        rows, rows, count * l.inner, l.dim_size, count * slice * sizeof(scalar_t));
+    transpose_slices(l, rows, output + first * slice, count, /*back=*/true);
+  });
+}
+
+template <typename scalar_t>
+void backward_transposed(
+    const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
+    const ops::LogSoftmaxLayout& l) {
+  const int64_t slice = l.dim_size * l.inner;
+  for_each_chunk_of_slices<scalar_t>(
+      l, 2, [&](int64_t first, int64_t count, scalar_t* grad_rows) {
+    scalar_t* output_rows = grad_rows + chunk_capacity<scalar_t>(l);
+    transpose_slices(
+        l, grad_output + first * slice, grad_rows, count, /*back=*/false);
+    transpose_slices(
+        l, output + first * slice, output_rows, count, /*back=*/false);
+    backward_rows(
+        grad_rows, output_rows, grad_rows, count * l.inner, l.dim_size,
+        count * slice * sizeof(scalar_t), /*streaming=*/false);
+    transpose_slices(
+        l, grad_rows, grad_input + first * slice, count, /*back=*/true);
+  });
 }
 
 // Vectors of inner positions reduced together along dim by one forward
@@ -262,45 +202,6 @@ void forward_inner(
       });
 }
 
-template <typename scalar_t>
-void backward_last_dim(
-    const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
-    int64_t rows, int64_t length, bool streaming) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t full = length - length % Vec::size();
-  const int64_t rest = length - full;
-  at::parallel_for(
-      0, rows, std::max<int64_t>(1, kGrainElements / length),
-      [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* dy = grad_output + row * length;
-          const scalar_t* y = output + row * length;
-          scalar_t* dx = grad_input + row * length;
-          // The sum waits on dy's loads; meanwhile the lines of y and dx
-          // that the next pass reads and writes are fetched.
-          Vec sum_v(0);
-          for (int64_t i = 0; i < full; i += Vec::size()) {
-            prefetch_for_read(y + i);
-            if (!streaming) {
-              prefetch_for_write(dx + i);
-            }
-            sum_v += Vec::loadu(dy + i);
-          }
-          if (rest > 0) {
-            sum_v += Vec::loadu(dy + full, rest);
-          }
-          const Vec sum = Vec(at::vec::vec_reduce_all<scalar_t>(
-              [](Vec& a, Vec& b) { return a + b; }, sum_v));
-          write_row(dx, length, streaming, [&](int64_t i, int64_t count) {
-            return load(dy + i, count) - load(y + i, count).exp() * sum;
-          });
-        }
-        if (streaming) {
-          finish_streaming_stores();
-        }
-      });
-}
-
 // Columns of the inner dimension handled together by one backward task: long
 // contiguous runs per dim index keep the hardware prefetcher busy, and a
 // task's rows (dim x 6 KB) stay in L2 from the sum pass to the output pass.
@@ -310,7 +211,6 @@ template <typename scalar_t>
 void backward_inner(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
     ops::LogSoftmaxLayout l, bool streaming) {
-  using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t blocks = (l.inner + kInnerBlock - 1) / kInnerBlock;
   at::parallel_for(
       0, l.outer * blocks,
@@ -352,7 +252,16 @@ void log_softmax_forward(const ops::LogSoftmaxTensors& t) {
     const scalar_t* x = t.input.const_data_ptr<scalar_t>();
     scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
     if (l.inner == 1) {
-      forward_last_dim(x, y, l.outer, l.dim_size);
+      at::parallel_for(
+          0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
+          [&](int64_t begin, int64_t end) {
+            const int64_t offset = begin * l.dim_size;
+            forward_rows(
+                x + offset, y + offset, end - begin, l.dim_size,
+                t.input.nbytes());
+          });
+    } else if (transposes_to_rows<scalar_t>(l)) {
+      forward_transposed(x, y, l);
     } else {
       forward_inner(x, y, l);
     }
@@ -366,12 +275,20 @@ void log_softmax_backward(const ops::LogSoftmaxBackwardTensors& t) {
         const scalar_t* dy = t.grad_output.const_data_ptr<scalar_t>();
         const scalar_t* y = t.output.const_data_ptr<scalar_t>();
         scalar_t* dx = t.grad_input.mutable_data_ptr<scalar_t>();
+        const bool streaming = use_streaming_stores(t.grad_input);
         if (l.inner == 1) {
-          backward_last_dim(
-              dy, y, dx, l.outer, l.dim_size,
-              use_streaming_stores(t.grad_input));
+          at::parallel_for(
+              0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
+              [&](int64_t begin, int64_t end) {
+                const int64_t offset = begin * l.dim_size;
+                backward_rows(
+                    dy + offset, y + offset, dx + offset, end - begin,
+                    l.dim_size, t.output.nbytes(), streaming);
+              });
+        } else if (transposes_to_rows<scalar_t>(l)) {
+          backward_transposed(dy, y, dx, l);
         } else {
-          backward_inner(dy, y, dx, l, use_streaming_stores(t.grad_input));
+          backward_inner(dy, y, dx, l, streaming);
         }
       });
 }

@@ -1,0 +1,306 @@
+// Serial CPU kernels of log_softmax and its backward over contiguous rows,
+// the reduced dim being the last: along each row for long rows, across a
+// block of rows (one row per vector lane) for short ones. Included by
+// log_softmax_isa.cpp only, so compiled once per instruction set; its callers
+// split the rows between threads, or bring another dim last first.
+//
+//   forward   y = (x - max) - log(sum(exp(x - max)))
+//   backward  dx = dy - exp(y) * sum(dy)
+//
+// Long rows are bound by memory beyond the caches: each pass over a row
+// prefetches what the next pass or row needs.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace ptfast::cpu {
+namespace {
+
+// The first `count` lanes from `data`, the others set to `fill`.
+template <typename scalar_t>
+at::vec::Vectorized<scalar_t> load_partial(
+    const scalar_t* data, int64_t count, scalar_t fill) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  return Vec::set(Vec(fill), Vec::loadu(data, count), count);
+}
+
+// The cache line at `address`, asked for ahead of its use: to be read (into
+// L2, where it is read from twice more) or to be written.
+inline void prefetch_for_read(const void* address) {
+  __builtin_prefetch(address, 0, 2);
+}
+inline void prefetch_for_write(const void* address) {
+  __builtin_prefetch(address, 1, 3);
+}
+
+// Stores `value` at `aligned`, a multiple of the vector's size, around the
+// caches where the instruction set has streaming stores.
+template <typename scalar_t>
+void store_streaming(
+    const at::vec::Vectorized<scalar_t>& value, scalar_t* aligned) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_stream_ps(aligned, value);
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm512_stream_pd(aligned, value);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(aligned, value);
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm256_stream_pd(aligned, value);
+    return;
+  }
+#endif
+  value.store(aligned);
+}
+
+// Orders this thread's streaming stores before whatever it does next (the
+// end of a parallel task), as they bypass the usual store ordering.
+inline void finish_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Writes out[0, length) from value(i, count), the vector of elements
+// [i, i + count). With `streaming`, the vectors aligned in `out` are streamed
+// and the unaligned ends stored normally.
+template <typename scalar_t, typename Value>
+void write_row(
+    scalar_t* out, int64_t length, bool streaming, const Value& value) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  int64_t i = 0;
+  if (streaming) {
+    const int64_t misaligned = static_cast<int64_t>(
+        reinterpret_cast<uintptr_t>(out) % sizeof(Vec) / sizeof(scalar_t));
+    i = std::min(length, misaligned == 0 ? 0 : Vec::size() - misaligned);
+    if (i > 0) {
+      value(0, i).store(out, i);
+    }
+    for (; i + Vec::size() <= length; i += Vec::size()) {
+      store_streaming(value(i, Vec::size()), out + i);
+    }
+  } else {
+    for (; i + Vec::size() <= length; i += Vec::size()) {
+      value(i, Vec::size()).store(out + i);
+    }
+  }
+  if (i < length) {
+    value(i, length - i).store(out + i, length - i);
+  }
+}
+
+// data[0, count) for count up to the vector's size, zeros past it.
+template <typename scalar_t>
+at::vec::Vectorized<scalar_t> load(const scalar_t* data, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  return count == Vec::size() ? Vec::loadu(data) : Vec::loadu(data, count);
+}
+
+// Forward rows up to this length are reduced across rows instead of along
+// them: a block of Vec::size() rows is transposed in L1, one row per lane, so
+// every maximum, exp and logarithm works on full vectors and no row pays a
+// horizontal reduction. Along its length, a 10-element row filled 10 of 16
+// lanes and paid two horizontal reductions: 4096x10 took 180 us, across 70.
+// From 17 on, the transposes cost what they save.
+constexpr int64_t kShortRow = 16;
+
+template <typename scalar_t>
+void forward_rows_across(
+    const scalar_t* input, scalar_t* output, int64_t rows, int64_t length) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kLanes = Vec::size();
+  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
+  // columns[j * kLanes + r]: element j of the block's row r. Lanes past a
+  // last, partial block's rows keep finite values from before.
+  alignas(64) scalar_t columns[kShortRow * kLanes] = {};
+  for (int64_t first = 0; first < rows; first += kLanes) {
+    const int count = static_cast<int>(std::min(kLanes, rows - first));
+    at::vec::transpose_mxn<scalar_t>(
+        input + first * length, length, columns, kLanes, count, length);
+    // Four independent maxima: one chain would wait on each maximum's
+    // latency. The maximum does not depend on the order.
+    Vec maxima[4] = {Vec(kLowest), Vec(kLowest), Vec(kLowest), Vec(kLowest)};
+    for (int64_t j = 0; j < length; ++j) {
+      maxima[j % 4] =
+          at::vec::maximum(maxima[j % 4], Vec::loadu(columns + j * kLanes));
+    }
+    const Vec max = at::vec::maximum(
+        at::vec::maximum(maxima[0], maxima[1]),
+        at::vec::maximum(maxima[2], maxima[3]));
+    Vec sum(0);
+    for (int64_t j = 0; j < length; ++j) {
+      sum += (Vec::loadu(columns + j * kLanes) - max).exp();
+    }
+    const Vec log_sum = sum.log();
+    for (int64_t j = 0; j < length; ++j) {
+      scalar_t* column = columns + j * kLanes;
+      ((Vec::loadu(column) - max) - log_sum).store(column);
+    }
+    at::vec::transpose_mxn<scalar_t>(
+        columns, kLanes, output + first * length, length, length, count);
+  }
+}
+
+// Rows whose sums share vector logarithms (as native does): short rows would
+// otherwise pay a whole vector log each. A group spans at most this many
+// bytes of input, so that it is still in L1 for the output pass.
+constexpr int64_t kGroupBytes = 16 << 10;
+constexpr int64_t kMaxGroupRows = 64;
+
+// Prefetching pays from this many bytes of tensor on: smaller ones are read
+// from L2, where the prefetch instructions only cost issue slots.
+constexpr int64_t kPrefetchBytes = 4 << 20;
+
+template <typename scalar_t>
+void forward_rows_along(
+    const scalar_t* input, scalar_t* output, int64_t rows, int64_t length,
+    bool prefetch) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t full = length - length % Vec::size();
+  const int64_t rest = length - full;
+  const int64_t group = std::clamp<int64_t>(
+      kGroupBytes / (length * static_cast<int64_t>(sizeof(scalar_t))), 1,
+      kMaxGroupRows);
+  scalar_t maxima[kMaxGroupRows];
+  scalar_t sums[kMaxGroupRows];
+  for (int64_t first = 0; first < rows; first += group) {
+    const int64_t count = std::min(group, rows - first);
+    // Phase by phase over the group's rows: each row's maximum, then each
+    // row's sum, is independent of the next row's, so their reductions
+    // overlap instead of waiting on one another.
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* x = input + (first + r) * length;
+      Vec max_v(kLowest);
+      for (int64_t i = 0; i < full; i += Vec::size()) {
+        max_v = at::vec::maximum(max_v, Vec::loadu(x + i));
+      }
+      if (rest > 0) {
+        max_v = at::vec::maximum(max_v, load_partial(x + full, rest, kLowest));
+      }
+      maxima[r] = at::vec::vec_reduce_all<scalar_t>(
+          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_v);
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* x = input + (first + r) * length;
+      // This pass computes; the memory system meanwhile fetches the next
+      // row and the lines this row's output goes to.
+      const Vec max(maxima[r]);
+      const scalar_t* next_x = first + r + 1 < rows ? x + length : nullptr;
+      scalar_t* y = output + (first + r) * length;
+      Vec sum_v(0);
+      for (int64_t i = 0; i < full; i += Vec::size()) {
+        if (prefetch) {
+          if (next_x != nullptr) {
+            prefetch_for_read(next_x + i);
+          }
+          prefetch_for_write(y + i);
+        }
+        sum_v += (Vec::loadu(x + i) - max).exp();
+      }
+      if (rest > 0) {
+        sum_v += (load_partial(x + full, rest, kLowest) - max).exp();
+      }
+      sums[r] = at::vec::vec_reduce_all<scalar_t>(
+          [](Vec& a, Vec& b) { return a + b; }, sum_v);
+    }
+    // Native takes the logarithm of its row sums with the vectorised log
+    // too; std::log can differ in the last bit.
+    for (int64_t r = 0; r < count; r += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), count - r);
+      load(sums + r, n).log().store(sums + r, n);
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* x = input + (first + r) * length;
+      const Vec max(maxima[r]);
+      const Vec log_sum(sums[r]);
+      write_row(
+          output + (first + r) * length, length, /*streaming=*/false,
+          [&](int64_t i, int64_t n) {
+            return (load(x + i, n) - max) - log_sum;
+          });
+    }
+  }
+}
+
+// log_softmax of `rows` contiguous rows of `length`, part of a tensor of
+// `tensor_bytes`. `output` may be `input`.
+template <typename scalar_t>
+void forward_rows(
+    const scalar_t* input, scalar_t* output, int64_t rows, int64_t length,
+    int64_t tensor_bytes) {
+  if (length == 1) {
+    // (x - max) - log(sum) with max = x and sum = exp(0) = 1, NaN for an
+    // infinite or NaN x, as native computes it; as one elementwise pass.
+    write_row(output, rows, /*streaming=*/false, [&](int64_t i, int64_t n) {
+      const auto x = load(input + i, n);
+      return x - x;
+    });
+  } else if (length <= kShortRow) {
+    forward_rows_across(input, output, rows, length);
+  } else {
+    forward_rows_along(
+        input, output, rows, length, tensor_bytes >= kPrefetchBytes);
+  }
+}
+
+// The backward of `rows` contiguous rows of `length`, part of a tensor of
+// `tensor_bytes`. `grad_input` may be `grad_output`. Along rows of any
+// length: with one reduction, the transposes of a block cost more than they
+// save (4096x10: 151 against 139 us).
+template <typename scalar_t>
+void backward_rows(
+    const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
+    int64_t rows, int64_t length, int64_t tensor_bytes, bool streaming) {
+  const bool prefetch = tensor_bytes >= kPrefetchBytes;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t full = length - length % Vec::size();
+  const int64_t rest = length - full;
+  for (int64_t row = 0; row < rows; ++row) {
+    const scalar_t* dy = grad_output + row * length;
+    const scalar_t* y = output + row * length;
+    scalar_t* dx = grad_input + row * length;
+    // The sum waits on dy's loads; meanwhile the lines of y and dx that the
+    // next pass reads and writes are fetched.
+    Vec sum_v(0);
+    for (int64_t i = 0; i < full; i += Vec::size()) {
+      if (prefetch) {
+        prefetch_for_read(y + i);
+        if (!streaming) {
+          prefetch_for_write(dx + i);
+        }
+      }
+      sum_v += Vec::loadu(dy + i);
+    }
+    if (rest > 0) {
+      sum_v += Vec::loadu(dy + full, rest);
+    }
+    const Vec sum =
+        Vec(at::vec::vec_reduce_all<scalar_t>(
+            [](Vec& a, Vec& b) { return a + b; }, sum_v));
+    write_row(dx, length, streaming, [&](int64_t i, int64_t count) {
+      return load(dy + i, count) - load(y + i, count).exp() * sum;
+    });
+  }
+  if (streaming) {
+    finish_streaming_stores();
+  }
+}
+
+}  // namespace
+}  // namespace ptfast::cpu
