@@ -36,7 +36,7 @@ for dtype in (torch.float64, torch.float32):
                 x[1, 0, 4, 33] = float("nan")
         assert_block_matches_native(x, w, b, kwargs)
     for shape, dim in [((67, 10), 1), ((37, 1), 1), ((5, 1003), 1), ((4, 37, 5), 1), ((7, 10, 2), 1), ((17, 10, 15), 1),
-                       ((2, 5000, 3), 1), ((3, 0), 1), ((6300, 1001), 1)]:
+                       ((3, 0), 1), ((6300, 1001), 1)]:
         x = torch.randn(shape, dtype=dtype, requires_grad=True)
         y, r = ptfast.log_softmax(x, dim), torch.log_softmax(x, dim)
         torch.testing.assert_close(y, r)
