@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,18 +55,25 @@ def test_cli_smoke_writes_the_report(tmp_path: Path):
         assert case["speedup_vs_eager"] > 0
     assert document["peak_gflops"]["cpu"] > 0
     assert document["freed_memory_kept_mapped"] == IS_GLIBC
+    assert document["copy_gb_per_s"]["cpu"] > 0
     for case in document["cases"]:
         if case["family"] == "conv2d_relu_max_pool2d":
             assert case["flops"] > 0 and case["ptfast_gflops"] > 0, case
         else:
             assert case["flops"] is None and case["ptfast_gflops"] is None, case
+        if case["family"] == "log_softmax":
+            elements = 5 if case["op"] == "forward+backward" else 2
+            assert case["bytes_moved"] == elements * 4 * math.prod(map(int, case["shape"].split()[0].split("x"))), case
+            assert case["ptfast_gb_per_s"] > 0, case
+        else:
+            assert case["bytes_moved"] is None and case["ptfast_gb_per_s"] is None, case
     assert document["memory"], "no saved-for-backward measurement"
     for memory in document["memory"]:
         # The fused op saves uint8 codes where eager keeps the ReLU output and int64 indices.
         assert memory["saved"]["ptfast"]["beyond_arguments"] < memory["saved"]["eager"]["beyond_arguments"]
 
     markdown = (out / "results.md").read_text()
-    assert "| case |" in markdown and "## CPU" in markdown and "GFLOP/s (% of peak)" in markdown
+    assert "| case |" in markdown and "## CPU" in markdown and "rate (% of device)" in markdown
     if HAS_MATPLOTLIB:
         plots = list(out.glob("*.png"))
         assert plots and all(plot.stat().st_size > 0 for plot in plots)

@@ -26,6 +26,7 @@ import copy
 import fnmatch
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -71,6 +72,9 @@ class Case:
     compile_backend: str = "inductor"
     flops: int | None = None
     """Floating-point operations one call stands for (2 per multiply-add), where counted."""
+    elements_moved: int | None = None
+    """Tensor elements one call must read or write at the least, where counted: the traffic a
+    memory-bound op cannot avoid."""
 
     @property
     def name(self) -> str:
@@ -288,13 +292,19 @@ class LogSoftmaxShape:
         text = "x".join(map(str, self.size))
         return text if self.dim in (-1, len(self.size) - 1) else f"{text} dim{self.dim}"
 
+    def elements_moved(self, backward: bool) -> int:
+        """The forward reads x and writes y; the backward reads grad_output and y and writes grad_input."""
+        return math.prod(self.size) * (5 if backward else 2)
+
 
 def log_softmax_shapes(selection: Selection) -> list[LogSoftmaxShape]:
-    """Classifier heads from 10 classes to a 32000-token vocabulary, and a
-    segmentation map normalised over its channel dim (not the last one)."""
+    """Classifier heads from 10 classes to a 32000-token vocabulary, and a segmentation map
+    normalised over its channel dim (not the last one); the full set adds a shape per class of
+    the kernel's paths: rows of 2 and 33, 100 and 256000 elements, a non-last dim with 2, 4 and
+    4096 inner positions."""
     if selection == "smoke":
         return [LogSoftmaxShape((8, 10), -1), LogSoftmaxShape((2, 3, 4, 4), 1)]
-    return [
+    shapes = [
         LogSoftmaxShape((64, 10), -1),
         LogSoftmaxShape((4096, 10), -1),
         LogSoftmaxShape((65536, 10), -1),
@@ -302,6 +312,17 @@ def log_softmax_shapes(selection: Selection) -> list[LogSoftmaxShape]:
         LogSoftmaxShape((256, 32000), -1),
         LogSoftmaxShape((16, 21, 64, 64), 1),
     ]
+    if selection == "full":
+        shapes += [
+            LogSoftmaxShape((4096, 2), -1),
+            LogSoftmaxShape((4096, 33), -1),
+            LogSoftmaxShape((4096, 100), -1),
+            LogSoftmaxShape((16, 256000), -1),
+            LogSoftmaxShape((512, 10, 2), 1),
+            LogSoftmaxShape((64, 1000, 4), 1),
+            LogSoftmaxShape((8, 10, 4096), 1),
+        ]
+    return shapes
 
 
 def _native_log_softmax(input: Tensor, dim: int) -> Tensor:
@@ -532,8 +553,10 @@ def all_cases(selection: Selection) -> list[Case]:
         ]
     for shape in log_softmax_shapes(selection):
         cases += [
-            Case("log_softmax", "inference", shape.describe(), _log_softmax_inference(shape), backend),
-            Case("log_softmax", "forward+backward", shape.describe(), _log_softmax_forward_backward(shape), backend),
+            Case("log_softmax", "inference", shape.describe(), _log_softmax_inference(shape), backend,
+                 elements_moved=shape.elements_moved(backward=False)),
+            Case("log_softmax", "forward+backward", shape.describe(), _log_softmax_forward_backward(shape), backend,
+                 elements_moved=shape.elements_moved(backward=True)),
         ]
     for batch in mnist_batches(selection):
         cases += [

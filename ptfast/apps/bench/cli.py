@@ -28,7 +28,7 @@ from ptfast.apps.bench.machine import describe_machine
 from ptfast.apps.bench.memory import MemoryResult, measure_block_memory
 from ptfast.apps.bench.report import text_report, write_report
 from ptfast.apps.bench.runner import CaseResult, run_cases
-from ptfast.apps.bench.timing import TIMING_SETTINGS, keep_freed_memory_mapped, peak_gflops
+from ptfast.apps.bench.timing import TIMING_SETTINGS, copy_gigabytes_per_s, keep_freed_memory_mapped, peak_gflops
 from ptfast.apps.paths import write_problem
 
 
@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     memory: list[MemoryResult] = []
     peak: dict[str, float | None] = {}
+    copy_bandwidth: dict[str, float] = {}
     for device in devices:
         device_peak = peak_gflops(device)
         peak[device.type] = None if device_peak is None else round(device_peak, 1)
+        copy_bandwidth[device.type] = round(copy_gigabytes_per_s(device), 1)
         results += run_cases(cases, device, settings, dtype, progress=_progress)
         for shape in memory_shapes:
             memory.append(measure_block_memory(shape, device, COMPILE_BACKENDS[selection], dtype))
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.to_dict(),
         "machine_summary": machine.describe(),
         "peak_gflops": peak,
+        "copy_gb_per_s": copy_bandwidth,
         "freed_memory_kept_mapped": freed_memory_kept_mapped,
     }
     print(text_report(document, results, memory))

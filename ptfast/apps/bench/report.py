@@ -45,15 +45,23 @@ def format_bytes(size: int | None) -> str:
     return f"{size} B"
 
 
-def format_gflops(gflops: float | None, peak_gflops: float | None) -> str:
-    """'131 (41%)': GFLOP/s and its share of the device's peak rate; '-' where FLOPs are not counted."""
-    if gflops is None:
-        return "-"
-    share = f" ({100 * gflops / peak_gflops:.0f}%)" if peak_gflops else ""
-    return f"{gflops:.3g}{share}"
+def format_throughput(result: CaseResult, peak_gflops: float | None, copy_gb_per_s: float | None) -> str:
+    """ptfast's rate and its share of what the device can do: '131 GFLOP/s (41%)' of the peak
+    multiply-add rate for compute-bound cases, '18.2 GB/s (87%)' of the copy bandwidth for
+    memory-bound ones; '-' where neither FLOPs nor bytes are counted."""
+    for rate, unit, reference in (
+        (result.gflops(), "GFLOP/s", peak_gflops),
+        (result.gigabytes_per_s(), "GB/s", copy_gb_per_s),
+    ):
+        if rate is not None:
+            share = f" ({100 * rate / reference:.0f}%)" if reference else ""
+            return f"{rate:.3g} {unit}{share}"
+    return "-"
 
 
-def _case_rows(results: list[CaseResult], peak_gflops: float | None) -> list[list[str]]:
+def _case_rows(
+    results: list[CaseResult], peak_gflops: float | None, copy_gb_per_s: float | None
+) -> list[list[str]]:
     rows = []
     for result in results:
         if result.skipped:
@@ -62,16 +70,19 @@ def _case_rows(results: list[CaseResult], peak_gflops: float | None) -> list[lis
         times = [format_time(result.times_s.get(name)) for name in IMPLEMENTATIONS]
         speedups = [format_speedup(result.speedup(baseline)) for baseline in BASELINES]
         notes = "; ".join(f"{name} failed: {error}" for name, error in result.errors.items())
-        rows.append([result.case, *times, *speedups, format_gflops(result.gflops(), peak_gflops), notes])
+        throughput = format_throughput(result, peak_gflops, copy_gb_per_s)
+        rows.append([result.case, *times, *speedups, throughput, notes])
     return rows
 
 
-CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "ptfast GFLOP/s (% of peak)", "notes"]
-GFLOPS_NOTE = (
-    "GFLOP/s count 2 FLOPs per multiply-add of the block's convolution (forward+backward: also its weight "
-    "gradient and, when the input requires grad, its input gradient, as dense convolutions), not the ReLU or "
-    "pooling; the share is of the device's peak float32 multiply-add rate, measured in the same run by a "
-    "register-only kernel ({peak} GFLOP/s)."
+CASE_HEADER = ["case", "ptfast", "eager", "compile", "vs eager", "vs compile", "ptfast rate (% of device)", "notes"]
+RATE_NOTE = (
+    "Rates: the conv blocks in GFLOP/s, 2 FLOPs per multiply-add of the block's convolution (forward+backward: "
+    "also its weight gradient and, when the input requires grad, its input gradient, as dense convolutions), not "
+    "the ReLU or pooling, as a share of the device's peak float32 multiply-add rate, measured in the same run by "
+    "a register-only kernel ({peak} GFLOP/s); log_softmax in GB/s, the bytes it must move (forward: read x, write "
+    "y; backward: read grad_output and y, write grad_input) over its time, as a share of the device's copy "
+    "bandwidth, measured in the same run (Tensor.copy_ of 256 MiB, bytes read + written: {copy} GB/s)."
 )
 
 
@@ -132,10 +143,11 @@ def text_report(document: dict[str, Any], results: list[CaseResult], memory: lis
         device_results = [r for r in results if r.device == device]
         if device_results:
             peak = document.get("peak_gflops", {}).get(device)
+            copy = document.get("copy_gb_per_s", {}).get(device)
             parts += [
                 "",
-                f"== {device} (peak float32: {peak} GFLOP/s) ==",
-                _text_table(CASE_HEADER, _case_rows(device_results, peak)),
+                f"== {device} (peak float32: {peak} GFLOP/s, copy: {copy} GB/s) ==",
+                _text_table(CASE_HEADER, _case_rows(device_results, peak, copy)),
             ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:
@@ -172,13 +184,14 @@ def markdown_report(
         device_results = [r for r in results if r.device == device]
         if device_results:
             peak = document.get("peak_gflops", {}).get(device)
+            copy = document.get("copy_gb_per_s", {}).get(device)
             lines += [
                 "",
                 f"## {device.upper()}",
                 "",
-                _markdown_table(CASE_HEADER, _case_rows(device_results, peak)),
+                _markdown_table(CASE_HEADER, _case_rows(device_results, peak, copy)),
                 "",
-                GFLOPS_NOTE.format(peak=peak),
+                RATE_NOTE.format(peak=peak, copy=copy),
             ]
         device_memory = [m for m in memory if m.device == device]
         if device_memory:

@@ -22,6 +22,8 @@ class CaseResult:
     errors: implementations that failed (e.g. torch.compile), with the error.
     skipped: why the whole case did not run (its setup failed), else None.
     flops: the case's FLOPs per call where counted (see Case.flops), else None.
+    bytes_moved: bytes one call must read or write at the least, where counted (see
+    Case.elements_moved), else None.
     """
 
     case: str
@@ -36,12 +38,19 @@ class CaseResult:
     errors: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
     flops: int | None = None
+    bytes_moved: int | None = None
 
     def gflops(self, implementation: str = "ptfast") -> float | None:
         """GFLOP/s of `implementation`; None where FLOPs are not counted or it did not run."""
         if self.flops is None or implementation not in self.times_s:
             return None
         return self.flops / self.times_s[implementation] / 1e9
+
+    def gigabytes_per_s(self, implementation: str = "ptfast") -> float | None:
+        """The bytes that must move per call over `implementation`'s time, in GB/s; None where not counted."""
+        if self.bytes_moved is None or implementation not in self.times_s:
+            return None
+        return self.bytes_moved / self.times_s[implementation] / 1e9
 
     def speedup(self, baseline: str) -> float | None:
         """time(baseline) / time(ptfast): above 1 when ptfast is faster; None if either did not run."""
@@ -55,12 +64,16 @@ class CaseResult:
             "speedup_vs_eager": self.speedup("eager"),
             "speedup_vs_compile": self.speedup("compile"),
             "ptfast_gflops": self.gflops(),
+            "ptfast_gb_per_s": self.gigabytes_per_s(),
         }
 
 
 def run_case(case: Case, device: torch.device, settings: TimingSettings, dtype: torch.dtype) -> CaseResult:
     """Set up and time one case; a case that cannot run is recorded as skipped, not raised."""
-    result = CaseResult(case.name, case.family, case.op, case.shape, device.type, flops=case.flops)
+    bytes_moved = None if case.elements_moved is None else case.elements_moved * dtype.itemsize
+    result = CaseResult(
+        case.name, case.family, case.op, case.shape, device.type, flops=case.flops, bytes_moved=bytes_moved
+    )
     try:
         steps = case.setup(device, dtype)
     except Exception as error:  # noqa: BLE001  (one broken case must not lose the others' numbers)

@@ -184,3 +184,23 @@ def peak_gflops(device: torch.device) -> float | None:
     from ptfast import _C
 
     return _C._peak_fp32_gflops()
+
+
+COPY_BYTES = 256 << 20
+
+
+def copy_gigabytes_per_s(device: torch.device) -> float:
+    """The device's copy bandwidth at the run's thread count, the reference the report sets
+    memory-bound cases against: bytes read plus bytes written per second by `Tensor.copy_`
+    between two 256 MiB tensors (beyond the caches), best of 5."""
+    source = torch.ones(COPY_BYTES // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # the pages of both are touched before timing
+    best = math.inf
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * COPY_BYTES / best / 1e9
