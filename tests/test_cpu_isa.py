@@ -41,7 +41,13 @@ for dtype in (torch.float64, torch.float32):
         y, r = ptfast.log_softmax(x, dim), torch.log_softmax(x, dim)
         torch.testing.assert_close(y, r)
         if x.numel():
-            torch.testing.assert_close(*(torch.autograd.grad(t.sum() + (t * t).sum(), x)[0] for t in (y, r)))
+            # (t * t).sum() amplifies an ulp of exp(y) by the row's gradient sum: ptfast's exp and
+            # native's differ in the last bit, so both are held to the float64 gradient instead.
+            x64 = x.detach().double().requires_grad_()
+            exact = [torch.autograd.grad(t.sum() + (t * t).sum(), x64)[0] for t in [torch.log_softmax(x64, dim)]][0]
+            ours, native = ((torch.autograd.grad(t.sum() + (t * t).sum(), x)[0].double() - exact).abs().max().item()
+                            for t in (y, r))
+            assert ours <= max(2 * native, 1e-5 if dtype == torch.float32 else 1e-10), (shape, dtype, ours, native)
 print("ok")
 """
 

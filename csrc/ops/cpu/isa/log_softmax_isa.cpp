@@ -178,12 +178,12 @@ void forward_inner(
           }
           for (int64_t d = 0; d < l.dim_size; ++d) {
             for (int v = 0; v < kInnerVectors; ++v) {
-              max[v] = at::vec::maximum(max[v], load(d, v));
+              max[v] = max_ignoring_nan(max[v], load(d, v));
             }
           }
           for (int64_t d = 0; d < l.dim_size; ++d) {
             for (int v = 0; v < kInnerVectors; ++v) {
-              sum[v] += (load(d, v) - max[v]).exp();
+              sum[v] += exp(load(d, v) - max[v]);
             }
           }
           Vec log_sum[kInnerVectors];
@@ -235,7 +235,7 @@ void backward_inner(
             write_row(grad_input + at, width, streaming,
                       [&](int64_t j, int64_t count) {
                         return load(grad_output + at + j, count) -
-                            load(output + at + j, count).exp() *
+                            exp(load(output + at + j, count)) *
                                 load(sums + j, count);
                       });
           }
