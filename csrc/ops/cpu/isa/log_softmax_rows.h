@@ -160,13 +160,15 @@ at::vec::Vectorized<scalar_t> max_ignoring_nan(
   return at::vec::clamp_min(running, x);
 }
 
-// Forward rows up to this length are reduced across rows instead of along
-// them: a block of Vec::size() rows is transposed in L1, one row per lane, so
-// every maximum, exp and logarithm works on full vectors and no row pays a
-// horizontal reduction. Along its length, a 10-element row filled 10 of 16
-// lanes and paid two horizontal reductions: 4096x10 took 180 us, across 70.
-// From 17 on, the transposes cost what they save.
-constexpr int64_t kShortRow = 16;
+// Forward rows shorter than two vectors are reduced across rows instead of
+// along them: a block of Vec::size() rows is transposed in L1, one row per
+// lane, so every maximum, exp and logarithm works on full vectors and no row
+// pays a horizontal reduction. Along its length, a 10-element row filled 10
+// of 16 lanes and paid two horizontal reductions: 4096x10 took 180 us, across
+// 70 (AVX-512, one thread); 4096x20 105 and 88 us, 4096x32 (two full
+// vectors) 85 and 101 us.
+template <typename scalar_t>
+constexpr int64_t kShortRow = 2 * at::vec::Vectorized<scalar_t>::size() - 1;
 
 template <typename scalar_t>
 void forward_rows_across(
@@ -176,7 +178,7 @@ void forward_rows_across(
   constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
   // columns[j * kLanes + r]: element j of the block's row r. Lanes past a
   // last, partial block's rows keep finite values from before.
-  alignas(64) scalar_t columns[kShortRow * kLanes] = {};
+  alignas(64) scalar_t columns[kShortRow<scalar_t> * kLanes] = {};
   for (int64_t first = 0; first < rows; first += kLanes) {
     const int count = static_cast<int>(std::min(kLanes, rows - first));
     at::vec::transpose_mxn<scalar_t>(
@@ -300,7 +302,7 @@ void forward_rows(
       const auto x = load(input + i, n);
       return x - x;
     });
-  } else if (length <= kShortRow) {
+  } else if (length <= kShortRow<scalar_t>) {
     forward_rows_across(input, output, rows, length);
   } else {
     forward_rows_along(
