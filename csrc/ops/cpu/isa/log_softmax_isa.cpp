@@ -131,7 +131,7 @@ void backward_transposed(
         l, output + first * slice, output_rows, count, /*back=*/false);
     backward_rows(
         grad_rows, output_rows, grad_rows, count * l.inner, l.dim_size,
-        count * slice * sizeof(scalar_t), /*streaming=*/false);
+        /*streaming=*/false);
     transpose_slices(
         l, grad_rows, grad_input + first * slice, count, /*back=*/true);
   });
@@ -283,7 +283,7 @@ void log_softmax_backward(const ops::LogSoftmaxBackwardTensors& t) {
                 const int64_t offset = begin * l.dim_size;
                 backward_rows(
                     dy + offset, y + offset, dx + offset, end - begin,
-                    l.dim_size, t.output.nbytes(), streaming);
+                    l.dim_size, streaming);
               });
         } else if (transposes_to_rows<scalar_t>(l)) {
           backward_transposed(dy, y, dx, l);
