@@ -306,7 +306,7 @@ def test_second_order_raises():
 # ------------------------------------------------------------ compiled autograd
 
 def test_compiled_autograd_traces_both_backwards():
-    """The nodes are not torch::autograd::Function's any more: compiled autograd still takes them, as graph calls."""
+    """Compiled autograd puts both backward nodes into its graph as calls it traces."""
     from torch._dynamo import compiled_autograd
 
     x, w, b = (t[0].requires_grad_() for t in block_data(torch.float32, n=2, size=10))

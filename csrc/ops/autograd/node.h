@@ -4,9 +4,10 @@
 // generated VariableType kernels do (collect_next_edges, set_history,
 // SavedVariable), not through torch::autograd::Function. torch.func refuses a
 // C++ Function under any transform ("cannot use C++ torch::autograd::Function
-// with functorch transforms"): its forward runs with grad mode off, which
-// would hide the op from every outer transform level. A plain node is
-// recorded at each level, as native ops' are.
+// with functorch transforms"): it runs the forward with grad mode off, and
+// only Python's autograd.Function has the per-level handling that nested
+// transforms need. A node built as native ops' are is recorded at each
+// transform level as theirs are.
 //
 // Compiled autograd asks every node what it saves (compiled_args) and for a
 // pure function of its grads and saved values to put into its graph
