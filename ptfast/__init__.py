@@ -19,6 +19,7 @@ check_torch_version()
 
 from ptfast import _C  # noqa: F401  (loads the library that registers the operators)
 from ptfast import _fake  # noqa: F401  (registers their fake implementations)
+from ptfast import _vmap  # noqa: F401  (registers their batching rules)
 from ptfast import backends, nn
 from ptfast.functional import conv2d_relu_max_pool2d, log_softmax
 from ptfast._fuse import FuseError, fuse
