@@ -36,13 +36,15 @@ def test_matches_native(shape, dim, dtype, device):
 
 
 # One shape per CPU path (csrc/ops/cpu/isa/log_softmax_isa.cpp): rows of one
-# element; rows shorter than two vectors reduced across a block (16 rows a
+# element; rows shorter than a vector (the backward's scalar sums, 256 rows a
+# block); rows shorter than two vectors reduced across a block (16 rows a
 # block on AVX-512 float32, a partial last block); longer rows along their length; a non-last
 # dim with fewer inner positions than a vector, transposed to rows by copies
 # (inner < 4) or register transposes, in chunks of slices or a slice larger
 # than a chunk; and vectors of inner positions.
 PATHS = {
     "rows-of-one": ((37, 1), 1),
+    "rows-shorter-than-a-vector": ((300, 3), 1),
     "rows-across": ((37, 10), 1),
     "rows-across-full-blocks": ((32, 31), 1),
     "rows-along": ((9, 40), 1),
