@@ -15,7 +15,8 @@ is built for the stable ABI (abi3): one wheel serves every Python >= 3.10.
 Every file in csrc/ops/cpu/isa/ is compiled once per instruction set
 (DEFAULT, plus AVX2 and AVX512 on x86-64) and the copy matching the running
 CPU is picked at run time, so one build is portable and fast everywhere;
-see csrc/ops/cpu/isa_dispatch.h.
+see csrc/ops/cpu/isa_dispatch.h. PTFAST_CPU_ISAS=DEFAULT builds the baseline
+copy only (quicker, for GPU checks).
 
 The CUDA kernels (csrc/**/*.cu) are built when the installed torch has CUDA
 and nvcc is found; PTFAST_CUDA=1 forces them (e.g. to compile on a machine
@@ -102,6 +103,14 @@ if platform.machine().lower() in {"x86_64", "amd64"}:
     }
 else:
     ISA_FLAGS = {"DEFAULT": []}
+# PTFAST_CPU_ISAS=DEFAULT (a comma-separated subset) compiles fewer copies:
+# a quicker build where only the GPU kernels matter (benchmarks/gpu_check.sh).
+# The dispatch falls back to the best copy that was built.
+if requested_isas := os.environ.get("PTFAST_CPU_ISAS"):
+    unknown = set(requested_isas.split(",")) - set(ISA_FLAGS)
+    if unknown or "DEFAULT" not in requested_isas.split(","):
+        sys.exit(f"PTFAST_CPU_ISAS={requested_isas}: a comma-separated subset of {list(ISA_FLAGS)} holding DEFAULT")
+    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa in requested_isas.split(",")}
 
 
 def torch_requirement() -> str:

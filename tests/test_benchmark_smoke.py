@@ -107,6 +107,34 @@ def test_only_pattern(pattern: str, expected: bool):
     assert bool(select_cases("quick", pattern=pattern)) == expected
 
 
+def test_only_patterns_separated_by_commas():
+    one = {case.name for case in select_cases("quick", pattern="mnist1*N64")}
+    other = {case.name for case in select_cases("quick", pattern="log_softmax/inference")}
+    both = {case.name for case in select_cases("quick", pattern="mnist1*N64, log_softmax/inference")}
+    assert one and other and both == one | other
+
+
+def test_results_are_written_after_each_case(tmp_path, monkeypatch):
+    """A run killed after its first case (a GPU machine's time limit) still leaves that case's numbers."""
+    from ptfast.apps.bench import cli, runner
+
+    real_run_case = runner.run_case
+    calls = []
+
+    def run_case_then_die(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # what a timeout's SIGINT raises
+        calls.append(1)
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_case", run_case_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--smoke", "--device", "cpu", "--only", "log_softmax", "--out", str(tmp_path)])
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [case["family"] for case in document["cases"]] == ["log_softmax"]
+    assert "log_softmax/inference/8x10" in (tmp_path / "results.md").read_text()
+
+
 def test_block_flops_count_the_convolutions():
     """2 FLOPs per multiply-add: MNIST block 1 at batch 1 is 10 channels x 24x24 outputs x 25 taps."""
     from ptfast.apps.bench.cases import block_shapes
@@ -187,3 +215,11 @@ def test_peak_probe_counts_its_flops():
     finally:
         torch.set_num_threads(threads)
     assert 1 < gflops < 16 * 2 * 2 * 6
+
+
+def test_gpu_check_script_parses_and_times_about_a_dozen_cases():
+    script = REPOSITORY / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    pattern = next(line for line in script.read_text().splitlines() if line.startswith("BENCH_CASES="))
+    cases = select_cases("quick", pattern=pattern.split("=", 1)[1].strip('"'))
+    assert 10 <= len(cases) <= 14, [case.name for case in cases]

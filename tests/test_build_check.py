@@ -130,3 +130,16 @@ def test_installed_metadata_requires_exactly_the_torch_built_against():
     requirements = [r for r in dist.requires or [] if "extra ==" not in r]
     assert requirements == [f"torch=={importlib.metadata.version('torch')}"]
     assert dist.version == ptfast.__version__
+
+
+@pytest.mark.parametrize("isas", ["AVX2", "DEFAULT,SSE9"])
+def test_cpu_isa_subset_must_hold_default_and_known_names(isas):
+    # benchmarks/gpu_check.sh builds the baseline copy only (PTFAST_CPU_ISAS=DEFAULT); a subset
+    # without it would leave CPUs without a kernel, a misspelt one would be silently ignored.
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True,
+        env={**os.environ, "PTFAST_CPU_ISAS": isas, "PTFAST_CUDA": "0"}, timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"PTFAST_CPU_ISAS={isas}: a comma-separated subset of" in result.stderr

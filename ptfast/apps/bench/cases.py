@@ -573,8 +573,12 @@ def all_cases(selection: Selection) -> list[Case]:
 
 def name_matches(name: str, pattern: str | None) -> bool:
     """Whether `name` contains `pattern`, which may hold shell wildcards
-    (e.g. "log_softmax/inference" or "mnist1*N64"); None matches everything."""
-    return pattern is None or fnmatch.fnmatchcase(name, f"*{pattern}*")
+    (e.g. "log_softmax/inference" or "mnist1*N64") and name several
+    alternatives separated by commas ("mnist1*N64,log_softmax/inference/4096x10");
+    None matches everything."""
+    return pattern is None or any(
+        fnmatch.fnmatchcase(name, f"*{alternative.strip()}*") for alternative in pattern.split(",")
+    )
 
 
 def select_cases(selection: Selection, family: str | None = None, pattern: str | None = None) -> list[Case]:

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only", metavar="PATTERN", default=None,
-        help='run only cases whose name contains PATTERN (shell wildcards allowed), e.g. "log_softmax" or "mnist1*N64"',
+        help='run only cases whose name contains PATTERN (shell wildcards allowed; several separated by commas), '
+        'e.g. "log_softmax" or "mnist1*N64,log_softmax/inference"',
     )
     return parser
 
@@ -106,28 +107,38 @@ def main(argv: list[str] | None = None) -> int:
     memory: list[MemoryResult] = []
     peak: dict[str, float | None] = {}
     copy_bandwidth: dict[str, float] = {}
+    command = shlex.join(["ptfast-bench", *(sys.argv[1:] if argv is None else argv)])
+
+    def document_now() -> dict:
+        return {
+            "schema_version": 1,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "selection": selection,
+            "dtype": str(dtype).removeprefix("torch."),
+            "compile_backend": COMPILE_BACKENDS[selection],
+            "timing": dataclasses.asdict(settings),
+            "elapsed_s": round(time.perf_counter() - start, 1),
+            "machine": machine.to_dict(),
+            "machine_summary": machine.describe(),
+            "peak_gflops": peak,
+            "copy_gb_per_s": copy_bandwidth,
+            "freed_memory_kept_mapped": freed_memory_kept_mapped,
+        }
+
+    def finished(result: CaseResult) -> None:
+        # A run cut short (a time limit on a lent GPU) still leaves every finished case's numbers.
+        results.append(result)
+        write_report(document_now(), results, memory, out_dir, plots=False)
+
     for device in devices:
         device_peak = peak_gflops(device)
         peak[device.type] = None if device_peak is None else round(device_peak, 1)
         copy_bandwidth[device.type] = round(copy_gigabytes_per_s(device), 1)
-        results += run_cases(cases, device, settings, dtype, progress=_progress)
+        run_cases(cases, device, settings, dtype, progress=_progress, finished=finished)
         for shape in memory_shapes:
             memory.append(measure_block_memory(shape, device, COMPILE_BACKENDS[selection], dtype))
-    document = {
-        "schema_version": 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["ptfast-bench", *(sys.argv[1:] if argv is None else argv)]),
-        "selection": selection,
-        "dtype": str(dtype).removeprefix("torch."),
-        "compile_backend": COMPILE_BACKENDS[selection],
-        "timing": dataclasses.asdict(settings),
-        "elapsed_s": round(time.perf_counter() - start, 1),
-        "machine": machine.to_dict(),
-        "machine_summary": machine.describe(),
-        "peak_gflops": peak,
-        "copy_gb_per_s": copy_bandwidth,
-        "freed_memory_kept_mapped": freed_memory_kept_mapped,
-    }
+    document = document_now()
     print(text_report(document, results, memory))
     with_plots = importlib.util.find_spec("matplotlib") is not None
     if not with_plots:

@@ -94,8 +94,9 @@ def run_cases(
     settings: TimingSettings,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[str], None] = lambda line: None,
+    finished: Callable[[CaseResult], None] = lambda result: None,
 ) -> list[CaseResult]:
-    """Every case in order; `progress` gets one line per finished case."""
+    """Every case in order; `progress` gets one line and `finished` the result of each finished case."""
     results = []
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()
@@ -103,4 +104,5 @@ def run_cases(
         results.append(result)
         status = f"skipped: {result.skipped}" if result.skipped else f"{time.perf_counter() - start:.1f} s"
         progress(f"[{index}/{len(cases)}] {device.type} {case.name}: {status}")
+        finished(result)
     return results
