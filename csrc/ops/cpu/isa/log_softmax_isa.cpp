@@ -98,8 +98,8 @@ void transpose_slices(
       }
     } else {
       at::vec::transpose_mxn<scalar_t>(
-          source, from_columns, target, from_rows,
-          static_cast<int>(from_rows), static_cast<int>(from_columns));
+          source, from_columns, target, from_rows, static_cast<int>(from_rows),
+          static_cast<int>(from_columns));
     }
   }
 }
@@ -110,11 +110,12 @@ void forward_transposed(
   const int64_t slice = l.dim_size * l.inner;
   for_each_chunk_of_slices<scalar_t>(
       l, 1, [&](int64_t first, int64_t count, scalar_t* rows) {
-    transpose_slices(l, input + first * slice, rows, count, /*back=*/false);
-    forward_rows(
-        rows, rows, count * l.inner, l.dim_size, count * slice * sizeof(scalar_t));
-    transpose_slices(l, rows, output + first * slice, count, /*back=*/true);
-  });
+        transpose_slices(l, input + first * slice, rows, count, /*back=*/false);
+        forward_rows(
+            rows, rows, count * l.inner, l.dim_size,
+            count * slice * sizeof(scalar_t));
+        transpose_slices(l, rows, output + first * slice, count, /*back=*/true);
+      });
 }
 
 template <typename scalar_t>
@@ -124,17 +125,17 @@ void backward_transposed(
   const int64_t slice = l.dim_size * l.inner;
   for_each_chunk_of_slices<scalar_t>(
       l, 2, [&](int64_t first, int64_t count, scalar_t* grad_rows) {
-    scalar_t* output_rows = grad_rows + chunk_capacity<scalar_t>(l);
-    transpose_slices(
-        l, grad_output + first * slice, grad_rows, count, /*back=*/false);
-    transpose_slices(
-        l, output + first * slice, output_rows, count, /*back=*/false);
-    backward_rows(
-        grad_rows, output_rows, grad_rows, count * l.inner, l.dim_size,
-        /*streaming=*/false);
-    transpose_slices(
-        l, grad_rows, grad_input + first * slice, count, /*back=*/true);
-  });
+        scalar_t* output_rows = grad_rows + chunk_capacity<scalar_t>(l);
+        transpose_slices(
+            l, grad_output + first * slice, grad_rows, count, /*back=*/false);
+        transpose_slices(
+            l, output + first * slice, output_rows, count, /*back=*/false);
+        backward_rows(
+            grad_rows, output_rows, grad_rows, count * l.inner, l.dim_size,
+            /*streaming=*/false);
+        transpose_slices(
+            l, grad_rows, grad_input + first * slice, count, /*back=*/true);
+      });
 }
 
 // Vectors of inner positions reduced together along dim by one forward
@@ -225,19 +226,21 @@ void backward_inner(
           std::fill(sums, sums + width, scalar_t(0));
           for (int64_t d = 0; d < l.dim_size; ++d) {
             const scalar_t* dy = grad_output + offset + d * l.inner;
-            write_row(sums, width, /*streaming=*/false,
-                      [&](int64_t j, int64_t count) {
-                        return load(sums + j, count) + load(dy + j, count);
-                      });
+            write_row(
+                sums, width, /*streaming=*/false,
+                [&](int64_t j, int64_t count) {
+                  return load(sums + j, count) + load(dy + j, count);
+                });
           }
           for (int64_t d = 0; d < l.dim_size; ++d) {
             const int64_t at = offset + d * l.inner;
-            write_row(grad_input + at, width, streaming,
-                      [&](int64_t j, int64_t count) {
-                        return load(grad_output + at + j, count) -
-                            exp(load(output + at + j, count)) *
-                                load(sums + j, count);
-                      });
+            write_row(
+                grad_input + at, width, streaming,
+                [&](int64_t j, int64_t count) {
+                  return load(grad_output + at + j, count) -
+                         exp(load(output + at + j, count)) *
+                             load(sums + j, count);
+                });
           }
         }
         if (streaming) {
