@@ -3,8 +3,8 @@
 // the same arg-max codes the direct kernel writes. Compiled once per
 // instruction set (see csrc/ops/cpu/isa_dispatch.h).
 //
-// One pass over the conv output: each plane is copied into a thread-local
-// buffer that ends in the pooling's -inf sentinel and slack (the gathers
+// One pass over the conv output, NCHW or channels-last: each plane is
+// copied into a thread-local buffer that ends in the pooling's -inf sentinel and slack (the gathers
 // read the sentinel for taps outside the plane, the row path loads two
 // vectors past a row's start), then pooled by the code the direct forward
 // uses, so both paths pick the same arg-max by construction.
@@ -30,6 +30,14 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   scalar_t* output = a.output.mutable_data_ptr<scalar_t>();
   code_t* codes =
       a.codes.defined() ? a.codes.mutable_data_ptr<code_t>() : nullptr;
+  // By strides: the conv output and the pooled output are NCHW or
+  // channels-last (native's memory format for the call).
+  const auto cs = a.conv.strides();
+  const auto os = a.output.strides();
+  const auto ks = codes != nullptr ? a.codes.strides() : os;
+  const bool conv_planes = cs[3] == 1 && cs[2] == s.conv_w;
+  const bool pooled_planes = os[3] == 1 && os[2] == s.pooled_w &&
+      ks[3] == 1 && ks[2] == s.pooled_w;
   const PlanePooling<scalar_t> pool_plane(s, a.params);
   at::parallel_for(
       0, s.batch * s.out_channels,
@@ -38,13 +46,45 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
         std::vector<scalar_t> plane(
             plane_size + 1 + PlanePooling<scalar_t>::kSlack);
         plane[plane_size] = -std::numeric_limits<scalar_t>::infinity();
+        std::vector<scalar_t> pooled(pooled_planes ? 0 : pooled_size);
+        std::vector<code_t> pooled_codes(pooled_planes ? 0 : pooled_size);
         for (int64_t index = begin; index < end; ++index) {
-          std::memcpy(
-              plane.data(), conv + index * plane_size,
-              plane_size * sizeof(scalar_t));
+          const int64_t n = index / s.out_channels;
+          const int64_t c = index % s.out_channels;
+          const scalar_t* source = conv + n * cs[0] + c * cs[1];
+          if (conv_planes) {
+            std::memcpy(
+                plane.data(), source, plane_size * sizeof(scalar_t));
+          } else {
+            // Channels-last: the task's channels are neighbours in memory, so
+            // the lines this gather touches serve the next channels too.
+            for (int64_t h = 0; h < s.conv_h; ++h) {
+              scalar_t* row = plane.data() + h * s.conv_w;
+              const scalar_t* source_row = source + h * cs[2];
+              for (int64_t w = 0; w < s.conv_w; ++w) {
+                row[w] = source_row[w * cs[3]];
+              }
+            }
+          }
+          scalar_t* out = output + n * os[0] + c * os[1];
+          code_t* code =
+              codes != nullptr ? codes + n * ks[0] + c * ks[1] : nullptr;
+          if (pooled_planes) {
+            pool_plane(plane.data(), out, code);
+            continue;
+          }
           pool_plane(
-              plane.data(), output + index * pooled_size,
-              codes != nullptr ? codes + index * pooled_size : nullptr);
+              plane.data(), pooled.data(),
+              code != nullptr ? pooled_codes.data() : nullptr);
+          for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+            for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+              const int64_t cell = ph * s.pooled_w + pw;
+              out[ph * os[2] + pw * os[3]] = pooled[cell];
+              if (code != nullptr) {
+                code[ph * ks[2] + pw * ks[3]] = pooled_codes[cell];
+              }
+            }
+          }
         }
       });
 }
