@@ -172,9 +172,10 @@ void check_conv2d_relu_max_pool2d_backward_inputs(
 at::MemoryFormat conv2d_relu_max_pool2d_memory_format(
     const at::Tensor& input, const at::Tensor& weight) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-          weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-      ? at::MemoryFormat::ChannelsLast
-      : at::MemoryFormat::Contiguous;
+                 weight.suggest_memory_format() ==
+                     at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 ForwardTensors prepare_forward(
@@ -244,12 +245,12 @@ BackwardTensors prepare_backward(
   t.input = native ? input : input.contiguous();
   t.weight = native ? weight : weight.contiguous();
   if (output_mask[0]) {
-    t.grad_input = at::empty(
-        input.sizes(), input.options().memory_format(format));
+    t.grad_input =
+        at::empty(input.sizes(), input.options().memory_format(format));
   }
   if (output_mask[1]) {
-    t.grad_weight = at::empty(
-        weight.sizes(), weight.options().memory_format(format));
+    t.grad_weight =
+        at::empty(weight.sizes(), weight.options().memory_format(format));
   }
   if (output_mask[2]) {
     t.grad_bias = at::empty({t.shape.out_channels}, weight.options());

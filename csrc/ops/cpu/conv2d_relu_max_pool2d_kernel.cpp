@@ -138,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
   ConvBlockPath path = ConvBlockPath::kDirect;
   const auto t = ops::prepare_forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes,
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode, with_codes,
       [&](const ops::Conv2dReluMaxPool2dShape& s,
           const ops::Conv2dReluMaxPool2dParams& p) {
         path = choose_path(s, p, ConvBlockPass::kForward);
@@ -202,8 +202,8 @@ void conv_output_gradient_typed(
           const code_t* plane_code = code + n * cs[0] + channel * cs[1];
           for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
             for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-              const int64_t c = static_cast<int64_t>(
-                  plane_code[ph * cs[2] + pw * cs[3]]);
+              const int64_t c =
+                  static_cast<int64_t>(plane_code[ph * cs[2] + pw * cs[3]]);
               if (c == geometry::kNoGradient) {
                 continue;
               }
@@ -246,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
       s.batch, s.out_channels, s.conv_h, s.conv_w};
   const auto options = t.grad_output.options().memory_format(t.memory_format);
   at::Tensor grad_conv = t.memory_format == at::MemoryFormat::Contiguous
-      ? at::empty(conv_sizes, options)
-      : at::zeros(conv_sizes, options);
+                             ? at::empty(conv_sizes, options)
+                             : at::zeros(conv_sizes, options);
   AT_DISPATCH_FLOATING_TYPES(
       t.grad_output.scalar_type(), "conv2d_relu_max_pool2d_conv_gradient", [&] {
         ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {

@@ -270,9 +270,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto t = ops::prepare_forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes,
-      contiguous_layout);
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode, with_codes, contiguous_layout);
   if (t.output.numel() == 0) {
     return ops::forward_result(t);
   }

@@ -4,10 +4,10 @@
 // instruction set (see csrc/ops/cpu/isa_dispatch.h).
 //
 // One pass over the conv output, NCHW or channels-last: each plane is
-// copied into a thread-local buffer that ends in the pooling's -inf sentinel and slack (the gathers
-// read the sentinel for taps outside the plane, the row path loads two
-// vectors past a row's start), then pooled by the code the direct forward
-// uses, so both paths pick the same arg-max by construction.
+// copied into a thread-local buffer that ends in the pooling's -inf sentinel
+// and slack (the gathers read the sentinel for taps outside the plane, the row
+// path loads two vectors past a row's start), then pooled by the code the
+// direct forward uses, so both paths pick the same arg-max by construction.
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_pooling.h"
 
@@ -36,8 +36,8 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const auto os = a.output.strides();
   const auto ks = codes != nullptr ? a.codes.strides() : os;
   const bool conv_planes = cs[3] == 1 && cs[2] == s.conv_w;
-  const bool pooled_planes = os[3] == 1 && os[2] == s.pooled_w &&
-      ks[3] == 1 && ks[2] == s.pooled_w;
+  const bool pooled_planes =
+      os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
   const PlanePooling<scalar_t> pool_plane(s, a.params);
   at::parallel_for(
       0, s.batch * s.out_channels,
@@ -53,8 +53,7 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
           const int64_t c = index % s.out_channels;
           const scalar_t* source = conv + n * cs[0] + c * cs[1];
           if (conv_planes) {
-            std::memcpy(
-                plane.data(), source, plane_size * sizeof(scalar_t));
+            std::memcpy(plane.data(), source, plane_size * sizeof(scalar_t));
           } else {
             // Channels-last: the task's channels are neighbours in memory, so
             // the lines this gather touches serve the next channels too.
