@@ -169,31 +169,56 @@ void check_conv2d_relu_max_pool2d_backward_inputs(
       " but `input` is on ", input.device());
 }
 
+at::MemoryFormat conv2d_relu_max_pool2d_memory_format(
+    const at::Tensor& input, const at::Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 weight.suggest_memory_format() ==
+                     at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 ForwardTensors prepare_forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
-    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
+    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes,
+    ChooseKernelLayout choose_layout) {
   ForwardTensors t;
   t.params = make_conv2d_relu_max_pool2d_params(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, ceil_mode);
   t.shape = check_conv2d_relu_max_pool2d_inputs(input, weight, bias, t.params);
-  t.input = input.contiguous();
-  t.weight = weight.contiguous();
+  t.memory_format = conv2d_relu_max_pool2d_memory_format(input, weight);
+  t.layout = choose_layout(t.shape, t.params);
+  const bool native = t.layout == KernelLayout::kNative;
+  t.input = native ? input : input.contiguous();
+  t.weight = native ? weight : weight.contiguous();
   if (bias.has_value() && bias->defined()) {
-    t.bias = bias->contiguous();
+    t.bias = native ? *bias : bias->contiguous();
   }
   const std::array<int64_t, 4> pooled{
       t.shape.batch, t.shape.out_channels, t.shape.pooled_h,
       t.shape.pooled_w};
-  t.output = at::empty(pooled, input.options());
+  const auto format = native ? t.memory_format : at::MemoryFormat::Contiguous;
+  t.output = at::empty(pooled, input.options().memory_format(format));
   if (with_codes) {
     t.codes = at::empty(
-        pooled, input.options().dtype(argmax_code_dtype(t.params)));
+        pooled, input.options()
+                    .dtype(argmax_code_dtype(t.params))
+                    .memory_format(format));
   }
   return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_result(const ForwardTensors& t) {
+  if (t.layout == KernelLayout::kNative) {
+    return {t.output, t.codes};
+  }
+  return {
+      t.output.contiguous(t.memory_format),
+      t.codes.defined() ? t.codes.contiguous(t.memory_format) : t.codes};
 }
 
 BackwardTensors prepare_backward(
@@ -202,7 +227,7 @@ BackwardTensors prepare_backward(
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, ChooseKernelLayout choose_layout) {
   BackwardTensors t;
   t.params = make_conv2d_relu_max_pool2d_params(
       stride, padding, dilation, groups, pool_kernel_size, pool_stride,
@@ -211,20 +236,35 @@ BackwardTensors prepare_backward(
       input, weight, std::nullopt, t.params);
   check_conv2d_relu_max_pool2d_backward_inputs(
       grad_output, codes, input, t.shape, t.params);
-  t.grad_output = grad_output.contiguous();
-  t.codes = codes.contiguous();
-  t.input = input.contiguous();
-  t.weight = weight.contiguous();
+  t.memory_format = conv2d_relu_max_pool2d_memory_format(input, weight);
+  t.layout = choose_layout(t.shape, t.params);
+  const bool native = t.layout == KernelLayout::kNative;
+  const auto format = native ? t.memory_format : at::MemoryFormat::Contiguous;
+  t.grad_output = grad_output.contiguous(format);
+  t.codes = codes.contiguous(format);
+  t.input = native ? input : input.contiguous();
+  t.weight = native ? weight : weight.contiguous();
   if (output_mask[0]) {
-    t.grad_input = at::empty(input.sizes(), input.options());
+    t.grad_input =
+        at::empty(input.sizes(), input.options().memory_format(format));
   }
   if (output_mask[1]) {
-    t.grad_weight = at::empty(weight.sizes(), weight.options());
+    t.grad_weight =
+        at::empty(weight.sizes(), weight.options().memory_format(format));
   }
   if (output_mask[2]) {
     t.grad_bias = at::empty({t.shape.out_channels}, weight.options());
   }
   return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const BackwardTensors& t) {
+  const auto native_format = [&](const at::Tensor& grad) {
+    return grad.defined() ? grad.contiguous(t.memory_format) : grad;
+  };
+  return {
+      native_format(t.grad_input), native_format(t.grad_weight), t.grad_bias};
 }
 
 geometry::PoolGeometry pool_geometry(

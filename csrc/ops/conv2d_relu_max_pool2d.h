@@ -5,7 +5,9 @@
 #include "ops/geometry.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/FunctionRef.h>
 
 #include <array>
 #include <cstdint>
@@ -75,29 +77,62 @@ void check_conv2d_relu_max_pool2d_backward_inputs(
     const at::Tensor& input, const Conv2dReluMaxPool2dShape& shape,
     const Conv2dReluMaxPool2dParams& params);
 
+// The memory format of native conv2d's output and of its input and weight
+// gradients, which relu and max_pool2d keep: channels-last when the input or
+// the weight suggests it (ATen's mkldnn/thnn_conv_use_channels_last), else
+// contiguous. The fused op's output, codes and gradients all follow it.
+at::MemoryFormat conv2d_relu_max_pool2d_memory_format(
+    const at::Tensor& input, const at::Tensor& weight);
+
+// How a backend's kernel wants the tensors laid out.
+enum class KernelLayout {
+  // Tensors made contiguous (NCHW), outputs allocated NCHW; the backend
+  // returns forward_result / backward_result, which move the outputs into
+  // native's memory format.
+  kContiguous,
+  // input, weight and bias as given (ATen's convolution reads any strides);
+  // grad_output and codes made contiguous in native's memory format and the
+  // outputs allocated in it. The kernel reads and writes by strides.
+  kNative,
+};
+
 // What a backend's forward kernel works on: the validated arguments, the
-// tensors made contiguous and the outputs allocated.
+// tensors laid out as the kernel asked and the outputs allocated.
 struct ForwardTensors {
   Conv2dReluMaxPool2dParams params;
   Conv2dReluMaxPool2dShape shape;
-  at::Tensor input, weight, bias;  // contiguous; bias undefined if none
+  at::MemoryFormat memory_format;  // native's, for the results
+  KernelLayout layout;
+  at::Tensor input, weight, bias;  // bias undefined if none
   at::Tensor output;               // (N, OC, PH, PW)
   at::Tensor codes;                // like output, or undefined if not asked
 };
+
+// Chooses the kernel layout once the shape is known (the CPU backend picks
+// its path from it).
+using ChooseKernelLayout = c10::function_ref<KernelLayout(
+    const Conv2dReluMaxPool2dShape&, const Conv2dReluMaxPool2dParams&)>;
 
 ForwardTensors prepare_forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
-    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes);
+    c10::IntArrayRef pool_padding, bool ceil_mode, bool with_codes,
+    ChooseKernelLayout choose_layout);
+
+// The output and codes in native's memory format (a copy of the pooled
+// output, a quarter of the conv output or less, after a kContiguous kernel).
+std::tuple<at::Tensor, at::Tensor> forward_result(const ForwardTensors& t);
 
 // The same for a backward kernel; each gradient is allocated (not filled)
 // when its output_mask entry is set, and left undefined otherwise.
 struct BackwardTensors {
   Conv2dReluMaxPool2dParams params;
   Conv2dReluMaxPool2dShape shape;
-  at::Tensor grad_output, codes, input, weight;  // contiguous
+  at::MemoryFormat memory_format;  // native's, for the results
+  KernelLayout layout;
+  at::Tensor grad_output, codes, input, weight;
   at::Tensor grad_input, grad_weight, grad_bias;
 };
 
@@ -107,7 +142,11 @@ BackwardTensors prepare_backward(
     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
-    std::array<bool, 3> output_mask);
+    std::array<bool, 3> output_mask, ChooseKernelLayout choose_layout);
+
+// The gradients in native's memory format.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const BackwardTensors& t);
 
 // A backend's forward, computing the arg-max codes only when asked.
 using BackendForward = std::tuple<at::Tensor, at::Tensor> (*)(

@@ -109,15 +109,23 @@ void propagate_non_finite_like_native(
   }
 }
 
+// The layout each path's kernels read: the direct kernels index NCHW, the
+// vendor path reads and writes by strides, so a channels-last call reaches
+// ATen's convolution (and its output the epilogue) without a copy.
+ops::KernelLayout kernel_layout(ConvBlockPath path) {
+  return path == ConvBlockPath::kVendor ? ops::KernelLayout::kNative
+                                        : ops::KernelLayout::kContiguous;
+}
+
 // The vendor forward: ATen's convolution (oneDNN), then the epilogue. The
-// conv output is scratch, freed on return.
+// conv output is scratch, freed on return; it comes in native's memory
+// format (channels-last for a channels-last input or weight), which the
+// epilogue reads as it is.
 void vendor_forward(const ops::ForwardTensors& t) {
   const auto& p = t.params;
   const at::Tensor conv = at::convolution(
-                              t.input, t.weight, t.bias, p.stride, p.padding,
-                              p.dilation, /*transposed=*/false,
-                              /*output_padding=*/{0, 0}, p.groups)
-                              .contiguous();
+      t.input, t.weight, t.bias, p.stride, p.padding, p.dilation,
+      /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
   conv2d_relu_max_pool2d_epilogue_stub.get("conv2d_relu_max_pool2d_epilogue")(
       {conv, t.output, t.codes, t.shape, t.params});
 }
@@ -128,21 +136,28 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
+  ConvBlockPath path = ConvBlockPath::kDirect;
   const auto t = ops::prepare_forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode, with_codes,
+      [&](const ops::Conv2dReluMaxPool2dShape& s,
+          const ops::Conv2dReluMaxPool2dParams& p) {
+        path = choose_path(s, p, ConvBlockPass::kForward);
+        return kernel_layout(path);
+      });
   ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.output.numel() == 0) {
-    return {t.output, t.codes};
+    return ops::forward_result(t);
   }
-  if (choose_path(t.shape, t.params, ConvBlockPass::kForward) ==
-      ConvBlockPath::kVendor) {
+  if (path == ConvBlockPath::kVendor) {
     vendor_forward(t);
   } else {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
         {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
   }
-  return {t.output, t.codes};
+  // The direct kernels write NCHW; for a channels-last call this copies the
+  // pooled output (a quarter of the conv output or less) and the 1-byte codes.
+  return ops::forward_result(t);
 }
 
 // The conv-output gradient the native composite forms: each pooled
@@ -152,31 +167,43 @@ std::tuple<at::Tensor, at::Tensor> forward(
 // bitwise the native ones. Codes that do not name a tap of their window
 // inside the conv plane (only a caller of the raw op can pass those) raise
 // an error instead of writing out of bounds.
+//
+// The three tensors share native's memory format but are read and written by
+// their own strides, so NCHW and channels-last take the same code. An NCHW
+// plane is zeroed here, by the thread that then adds into it; a plane with
+// other strides arrives zeroed (its elements interleave with other planes').
 template <typename scalar_t, typename code_t>
 void conv_output_gradient_typed(
     const at::Tensor& grad_output, const at::Tensor& codes,
     const at::Tensor& grad_conv, const ops::Conv2dReluMaxPool2dShape& s,
     const ops::Conv2dReluMaxPool2dParams& p) {
   const int64_t plane_size = s.conv_h * s.conv_w;
-  const int64_t pooled_size = s.pooled_h * s.pooled_w;
   const int64_t taps = p.pool_kernel[0] * p.pool_kernel[1];
   const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
   const code_t* code = codes.const_data_ptr<code_t>();
   scalar_t* dense = grad_conv.mutable_data_ptr<scalar_t>();
+  const auto gs = grad_output.strides();
+  const auto cs = codes.strides();
+  const auto ds = grad_conv.strides();
+  const bool zero_planes = ds[3] == 1 && ds[2] == s.conv_w;
   std::atomic<bool> bad_code{false};
   at::parallel_for(
       0, s.batch * s.out_channels,
       std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, plane_size)),
       [&](int64_t begin, int64_t end) {
         for (int64_t index = begin; index < end; ++index) {
-          scalar_t* plane = dense + index * plane_size;
-          std::fill(plane, plane + plane_size, scalar_t(0));
-          const scalar_t* plane_grad = grad + index * pooled_size;
-          const code_t* plane_code = code + index * pooled_size;
+          const int64_t n = index / s.out_channels;
+          const int64_t channel = index % s.out_channels;
+          scalar_t* plane = dense + n * ds[0] + channel * ds[1];
+          if (zero_planes) {
+            std::fill(plane, plane + plane_size, scalar_t(0));
+          }
+          const scalar_t* plane_grad = grad + n * gs[0] + channel * gs[1];
+          const code_t* plane_code = code + n * cs[0] + channel * cs[1];
           for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
             for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
-              const int64_t cell = ph * s.pooled_w + pw;
-              const int64_t c = static_cast<int64_t>(plane_code[cell]);
+              const int64_t c =
+                  static_cast<int64_t>(plane_code[ph * cs[2] + pw * cs[3]]);
               if (c == geometry::kNoGradient) {
                 continue;
               }
@@ -190,7 +217,8 @@ void conv_output_gradient_typed(
                 bad_code.store(true, std::memory_order_relaxed);
                 continue;
               }
-              plane[oh * s.conv_w + ow] += plane_grad[cell];
+              plane[oh * ds[2] + ow * ds[3]] +=
+                  plane_grad[ph * gs[2] + pw * gs[3]];
             }
           }
         }
@@ -212,8 +240,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
     const ops::BackwardTensors& t, std::array<bool, 3> output_mask) {
   const auto& s = t.shape;
   const auto& p = t.params;
-  at::Tensor grad_conv = at::empty(
-      {s.batch, s.out_channels, s.conv_h, s.conv_w}, t.grad_output.options());
+  // In native's memory format, the one convolution_backward computes in: a
+  // channels-last call reaches oneDNN without a copy.
+  const std::array<int64_t, 4> conv_sizes{
+      s.batch, s.out_channels, s.conv_h, s.conv_w};
+  const auto options = t.grad_output.options().memory_format(t.memory_format);
+  at::Tensor grad_conv = t.memory_format == at::MemoryFormat::Contiguous
+                             ? at::empty(conv_sizes, options)
+                             : at::zeros(conv_sizes, options);
   AT_DISPATCH_FLOATING_TYPES(
       t.grad_output.scalar_type(), "conv2d_relu_max_pool2d_conv_gradient", [&] {
         ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
@@ -238,9 +272,15 @@ conv2d_relu_max_pool2d_backward_cpu(
     at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
     at::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask) {
+  ConvBlockPath path = ConvBlockPath::kDirect;
   auto t = ops::prepare_backward(
       grad_output, input, weight, codes, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask,
+      [&](const ops::Conv2dReluMaxPool2dShape& s,
+          const ops::Conv2dReluMaxPool2dParams& p) {
+        path = choose_path(s, p, ConvBlockPass::kBackward);
+        return kernel_layout(path);
+      });
   ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.shape.batch == 0) {
     for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
@@ -248,10 +288,10 @@ conv2d_relu_max_pool2d_backward_cpu(
         grad->zero_();
       }
     }
-    return {t.grad_input, t.grad_weight, t.grad_bias};
+    return ops::backward_result(t);
   }
-  if (choose_path(t.shape, t.params, ConvBlockPass::kBackward) ==
-      ConvBlockPath::kVendor) {
+  if (path == ConvBlockPath::kVendor) {
+    // convolution_backward returns its gradients in native's memory format.
     return vendor_backward(t, output_mask);
   }
   bool input_non_finite = false;
@@ -265,7 +305,9 @@ conv2d_relu_max_pool2d_backward_cpu(
         weight_non_finite ? t.grad_input : at::Tensor(),
         input_non_finite ? t.grad_weight : at::Tensor(), t.shape, t.params);
   }
-  return {t.grad_input, t.grad_weight, t.grad_bias};
+  // The direct kernels write NCHW: a channels-last call copies its gradients
+  // (the size of input and weight) into native's format.
+  return ops::backward_result(t);
 }
 
 // The path a CPU call with these arguments takes (1 direct, 2 vendor), for

@@ -1,6 +1,7 @@
 // Entry points of the vectorised CPU kernels of the fused
 // conv2d -> ReLU -> max_pool2d operator (csrc/ops/cpu/isa/), one copy per
-// instruction set. Tensors arrive validated, contiguous and allocated.
+// instruction set. Tensors arrive validated and allocated, contiguous except
+// where a comment says they are read by strides.
 //
 // The direct path computes the whole block (forward and backward) itself;
 // the vendor path takes the convolution from ATen (oneDNN) and runs only the
@@ -47,7 +48,9 @@ constexpr int64_t kGrainValues = 1 << 14;
 // The vendor path's forward after ATen's convolution: ReLU, max-pooling
 // and arg-max codes in one pass over the conv output.
 struct Conv2dReluMaxPool2dEpilogueArgs {
-  const at::Tensor& conv;    // (N, OC, conv_h, conv_w), bias included
+  // (N, OC, conv_h, conv_w), bias included. The three are read and written
+  // by strides: NCHW or channels-last, native's memory format for the call.
+  const at::Tensor& conv;
   const at::Tensor& output;  // (N, OC, PH, PW), written
   const at::Tensor& codes;   // arg-max codes like output, or undefined
   const ops::Conv2dReluMaxPool2dShape& shape;

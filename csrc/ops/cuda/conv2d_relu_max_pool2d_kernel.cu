@@ -254,6 +254,14 @@ __global__ void grad_bias_kernel(
   }
 }
 
+// The kernels index NCHW; forward_result and backward_result move the results
+// into native's memory format.
+ops::KernelLayout contiguous_layout(
+    const ops::Conv2dReluMaxPool2dShape&,
+    const ops::Conv2dReluMaxPool2dParams&) {
+  return ops::KernelLayout::kContiguous;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -262,10 +270,10 @@ std::tuple<at::Tensor, at::Tensor> forward(
     at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto t = ops::prepare_forward(
-      input, weight, bias, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, with_codes);
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode, with_codes, contiguous_layout);
   if (t.output.numel() == 0) {
-    return {t.output, t.codes};
+    return ops::forward_result(t);
   }
   const Dims dims = make_dims(t.shape, t.params);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -287,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
       });
-  return {t.output, t.codes};
+  return ops::forward_result(t);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
@@ -301,7 +309,8 @@ conv2d_relu_max_pool2d_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto t = ops::prepare_backward(
       grad_output, input, weight, codes, stride, padding, dilation, groups,
-      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask);
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask,
+      contiguous_layout);
   const Dims dims = make_dims(t.shape, t.params);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -333,7 +342,7 @@ conv2d_relu_max_pool2d_backward_cuda(
           }
         });
       });
-  return {t.grad_input, t.grad_weight, t.grad_bias};
+  return ops::backward_result(t);
 }
 
 }  // namespace
