@@ -156,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
   if (t.output.numel() == 0) {
     return {t.output, t.codes};
   }
-  if (choose_path(t.shape, t.params, ConvBlockPass::kForward) ==
+  if (choose_path(
+          t.shape, t.params, ConvBlockPass::kForward, t.input.scalar_type()) ==
       ConvBlockPath::kVendor) {
     vendor_forward(t);
   } else if (at::isReducedFloatingType(t.input.scalar_type())) {
@@ -326,8 +327,9 @@ conv2d_relu_max_pool2d_backward_cpu(
     }
     return {t.grad_input, t.grad_weight, t.grad_bias};
   }
-  if (choose_path(t.shape, t.params, ConvBlockPass::kBackward) ==
-      ConvBlockPath::kVendor) {
+  if (choose_path(
+          t.shape, t.params, ConvBlockPass::kBackward,
+          t.input.scalar_type()) == ConvBlockPath::kVendor) {
     return vendor_backward(t, output_mask);
   }
   if (at::isReducedFloatingType(t.input.scalar_type())) {
@@ -351,7 +353,8 @@ int64_t conv_block_path(
       input, weight, std::nullopt, params);
   return static_cast<int64_t>(choose_path(
       shape, params,
-      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward));
+      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward,
+      input.scalar_type()));
 }
 
 }  // namespace
