@@ -290,9 +290,17 @@ void backward_contiguous(
 // into float32 buffers that stay in L2, the float32 kernels run on the
 // buffers (their at::parallel_for runs inline inside this one's tasks), and
 // the results are rounded back: one read and one write of the half-precision
-// tensors, as native. A slice too large for a chunk converts the whole
-// tensor instead, so that its threads still share the work.
+// tensors, as native. A slice larger than a chunk is a chunk of its own
+// (from L2 or beyond); with fewer such slices than threads the whole tensor
+// is converted instead, so that the threads still share the work.
 constexpr int64_t kHalfChunkElements = 1 << 14;
+
+// Whether to convert the whole tensor rather than chunks: fewer slices than
+// threads, each larger than a chunk, would leave threads idle.
+bool converts_whole_tensor(const ops::LogSoftmaxLayout& l) {
+  return l.dim_size * l.inner > kHalfChunkElements &&
+      l.outer < at::get_num_threads();
+}
 
 // Calls chunk_fn(first_slice, slice_count, buffers) for chunks of whole
 // slices, in parallel, with `buffer_count` float32 buffers of a chunk each.
@@ -324,7 +332,7 @@ void convert_in_parallel(
 template <typename half_t>
 void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
-  if (slice > kHalfChunkElements) {
+  if (converts_whole_tensor(l)) {
     std::vector<float> buffer(l.outer * slice);
     convert_in_parallel(
         x, buffer.data(), l.outer * slice, half_to_float<half_t>);
@@ -346,7 +354,7 @@ void backward_half(
     const half_t* dy, const half_t* y, half_t* dx,
     const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
-  if (slice > kHalfChunkElements) {
+  if (converts_whole_tensor(l)) {
     const int64_t n = l.outer * slice;
     std::vector<float> buffers(2 * n);
     float* grad = buffers.data();
