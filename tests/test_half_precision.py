@@ -106,26 +106,29 @@ def _cpu_has_bfloat16_dot_products() -> bool:
     return " avx512_bf16" in flags
 
 
-# (id, (in channels, out channels, size, kernel), op keyword arguments, dtype,
+# (id, (batch, in channels, out channels, size, kernel), op keyword arguments, dtype,
 #  the paths auto takes (forward, backward) on a CPU with bfloat16 dot products)
 HALF_RULE = [
-    ("mnist_block1", (1, 10, 28, 5), {}, torch.bfloat16, ("direct", "direct")),
-    ("mnist_block2", (10, 20, 12, 5), {}, torch.bfloat16, ("vendor", "direct")),
-    ("products_127", (127, 8, 6, 1), {}, torch.bfloat16, ("direct", "direct")),
-    ("products_128", (128, 8, 6, 1), {}, torch.bfloat16, ("vendor", "direct")),
-    ("products_256", (256, 8, 6, 1), {}, torch.bfloat16, ("vendor", "vendor")),
-    ("overlapping", (3, 8, 20, 3), dict(pool_kernel_size=3, pool_stride=2), torch.bfloat16, ("direct", "vendor")),
-    ("float16_mnist_block2", (10, 20, 12, 5), {}, torch.float16, ("direct", "direct")),
-    ("float16_vgg", (512, 512, 14, 3), dict(padding=1), torch.float16, ("vendor", "direct")),
+    ("mnist_block1_n64", (64, 1, 10, 28, 5), {}, torch.bfloat16, ("direct", "direct")),
+    ("mnist_block2_n64", (64, 10, 20, 12, 5), {}, torch.bfloat16, ("vendor", "direct")),
+    ("mnist_block2_n32", (32, 10, 20, 12, 5), {}, torch.bfloat16, ("direct", "direct")),
+    ("products_127", (4096, 127, 8, 8, 1), {}, torch.bfloat16, ("direct", "direct")),
+    ("products_128", (4096, 128, 8, 8, 1), {}, torch.bfloat16, ("vendor", "direct")),
+    ("products_256", (4096, 256, 8, 8, 1), {}, torch.bfloat16, ("vendor", "vendor")),
+    ("products_256_little_work", (2, 256, 8, 8, 1), {}, torch.bfloat16, ("direct", "direct")),
+    ("overlapping", (2, 3, 8, 20, 3), dict(pool_kernel_size=3, pool_stride=2), torch.bfloat16, ("direct", "vendor")),
+    ("float16_mnist_block2", (64, 10, 20, 12, 5), {}, torch.float16, ("direct", "direct")),
+    ("float16_vgg", (2, 512, 512, 14, 3), dict(padding=1), torch.float16, ("vendor", "direct")),
 ]
 
 
 @pytest.mark.parametrize("dims,kwargs,dtype,expected", [r[1:] for r in HALF_RULE], ids=[r[0] for r in HALF_RULE])
 def test_auto_rule_for_half_precision(dims, kwargs, dtype, expected):
     """bfloat16 on a CPU with bfloat16 dot products: vendor from 128 products per conv output
-    forward, 256 backward, else the float32 rule; float16: direct for every backward."""
-    c, oc, h, k = dims
-    x, w = torch.empty(2, c, h, h, device="meta", dtype=dtype), torch.empty(oc, c, k, k, device="meta", dtype=dtype)
+    forward, 256 backward, with at least 2**24 multiply-adds, else the float32 rule; float16:
+    direct for every backward."""
+    n, c, oc, h, k = dims
+    x, w = torch.empty(n, c, h, h, device="meta", dtype=dtype), torch.empty(oc, c, k, k, device="meta", dtype=dtype)
     got = (ptfast.backends.cpu.conv_block_path(x, w, **kwargs),
            ptfast.backends.cpu.conv_block_path(x, w, backward=True, **kwargs))
     if dtype == torch.bfloat16 and not _cpu_has_bfloat16_dot_products():

@@ -59,18 +59,25 @@ ConvBlockPath choose_path(
     return forced;
   }
   const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
-  // Half precision (benchmarks/NOTES.md, "Half precision"; 1 thread, Xeon
+  // Half precision (README, "Half precision on the CPU"; 1 thread, a Xeon
   // with AMX). bfloat16 on a CPU with bfloat16 dot products: oneDNN's
   // convolution beats the direct kernels (which compute in float32) from
-  // about 150 products per output in the forward (16 -> 32, 3x3: 1.7x) and
-  // 250-290 in the backward (10 -> 20, 5x5: direct 1.3x faster; 32 -> 64,
-  // 3x3: vendor 1.6x). float16: oneDNN has no fast float16 convolution
-  // without AMX-FP16 (10 -> 20, 5x5: 4x slower forward than direct), and
-  // ATen's float16 convolution_backward is 100x-250x slower than the direct
-  // backward, which therefore serves every float16 backward. Below these
-  // thresholds (and on other CPUs) the float32 rule applies.
+  // about 150 products per output in the forward (16 -> 32, 3x3, N64: 1.7x)
+  // and 250-290 in the backward (10 -> 20, 5x5: direct 1.3x faster; 32 ->
+  // 64, 3x3: vendor 1.6x), given enough work to pay for oneDNN's per-call
+  // cost: MNIST's block 2 (250 products) is 1.1x faster there at N64 (2^24
+  // multiply-adds) and 1.1x-6x slower at N32 and below. float16: oneDNN has
+  // no fast float16 convolution without AMX-FP16 (10 -> 20, 5x5: 4x slower
+  // forward than direct), and ATen's float16 convolution_backward is
+  // 100x-250x slower than the direct backward, which therefore serves every
+  // float16 backward. Below these thresholds (and on other CPUs) the float32
+  // rule applies.
+  constexpr int64_t kBfloat16VendorFromMultiplyAdds = int64_t{1} << 24;
   if (dtype == at::kBFloat16 && cpu_has_bfloat16_dot_products()) {
-    if (products >= (pass == ConvBlockPass::kForward ? 128 : 256)) {
+    const int64_t multiply_adds =
+        s.batch * s.out_channels * s.conv_h * s.conv_w * products;
+    if (products >= (pass == ConvBlockPass::kForward ? 128 : 256) &&
+        multiply_adds >= kBfloat16VendorFromMultiplyAdds) {
       return ConvBlockPath::kVendor;
     }
   } else if (dtype == at::kHalf && pass == ConvBlockPass::kBackward) {
