@@ -57,12 +57,18 @@ def test_invalid_block_arguments(kwargs, error, pattern):
         call(**kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_unsupported_cpu_dtype_is_named(dtype):
-    with pytest.raises(TypeError, match="`input` must be float32 or float64 on CPU"):
+    expected = "must be float32, float64, bfloat16 or float16 on CPU, got Float8"
+    with pytest.raises(TypeError, match="`input` " + expected):
         call(X.to(dtype), W.to(dtype), B.to(dtype))
-    with pytest.raises(TypeError, match="`self` must be float32 or float64 on CPU"):
+    with pytest.raises(TypeError, match="`self` " + expected):
         ptfast.log_softmax(X.to(dtype), 1)
+
+
+def test_mixed_half_dtypes_are_named():
+    with pytest.raises(TypeError, match="`weight` has dtype BFloat16 but `input` has dtype Half"):
+        call(X.half(), W.bfloat16(), B.half())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mismatch")

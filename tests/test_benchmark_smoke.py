@@ -223,3 +223,19 @@ def test_gpu_check_script_parses_and_times_about_a_dozen_cases():
     pattern = next(line for line in script.read_text().splitlines() if line.startswith("BENCH_CASES="))
     cases = select_cases("quick", pattern=pattern.split("=", 1)[1].strip('"'))
     assert 10 <= len(cases) <= 14, [case.name for case in cases]
+
+
+@pytest.mark.slow
+def test_cli_dtype_runs_the_cases_in_it(tmp_path: Path):
+    out = tmp_path / "bench"
+    result = _run([sys.executable, "-m", "ptfast.apps.bench", "--smoke", "--device", "cpu", "--dtype", "bfloat16",
+                   "--only", "log_softmax/inference/8x10", "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads((out / "results.json").read_text())
+    assert document["dtype"] == "bfloat16"
+    assert [case["case"] for case in document["cases"]] == ["log_softmax/inference/8x10"]
+
+
+def test_unknown_dtype_is_a_user_error(capsys):
+    err = _user_error(["--smoke", "--device", "cpu", "--dtype", "float64"], capsys)
+    assert "--dtype: invalid choice: 'float64'" in err

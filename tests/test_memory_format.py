@@ -214,3 +214,27 @@ def test_fused_channels_last_model_stays_channels_last(weights):
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
         assert_same_layout(a, e, "grad")
+
+
+@pytest.mark.parametrize("path", ["direct", "vendor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_channels_last_matches_native(path, dtype):
+    # Half precision and channels-last together: the vendor epilogue converts while it gathers
+    # channels, the direct path converts an NCHW copy. Dyadic data: every sum is exact, so values
+    # are compared bitwise and gradients within one half-precision rounding.
+    g = torch.Generator().manual_seed(0)
+    dyadic = lambda *shape: (torch.randint(-8, 8, shape, generator=g) / 8).to(dtype)  # noqa: E731
+    x = dyadic(2, 16, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = dyadic(24, 16, 3, 3).requires_grad_(), dyadic(24).requires_grad_()
+    with ptfast.backends.cpu.flags(conv_block=path):
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1)
+    ref = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+    grad = dyadic(*ref.shape)
+    with ptfast.backends.cpu.flags(conv_block=path):
+        got = torch.autograd.grad(out, (x, w, b), grad)
+    want = torch.autograd.grad(ref, (x, w, b), grad)
+    for a, e in zip(got, want):
+        assert a.dtype == e.dtype and a.is_contiguous(memory_format=torch.channels_last) == e.is_contiguous(
+            memory_format=torch.channels_last)
+        torch.testing.assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-2)

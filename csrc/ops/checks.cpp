@@ -15,8 +15,12 @@ void check_floating(
 void check_cpu_dtype(
     const char* op, const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_TYPE(
-      tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kDouble,
-      op, ": `", name, "` must be float32 or float64 on CPU, got ",
+      tensor.scalar_type() == at::kFloat ||
+          tensor.scalar_type() == at::kDouble ||
+          tensor.scalar_type() == at::kBFloat16 ||
+          tensor.scalar_type() == at::kHalf,
+      op, ": `", name,
+      "` must be float32, float64, bfloat16 or float16 on CPU, got ",
       tensor.scalar_type());
 }
 

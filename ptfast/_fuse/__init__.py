@@ -79,7 +79,7 @@ def fuse(module: nn.Module) -> FusedGraphModule:
     the same random calls in the same order, so with the same seed the fused and the original
     model train identically (up to floating-point rounding). It follows ``.train()`` /
     ``.eval()`` like ``module``. The fused ops support the dtypes and devices ptfast does
-    (float32/float64 on CPU). ``fuse`` of a fused model returns an equivalent copy.
+    (float32, float64, bfloat16 and float16; under autocast as native). ``fuse`` of a fused model returns an equivalent copy.
 
     Raises:
         FuseError: torch.fx cannot trace ``module`` (e.g. control flow on tensor values); the

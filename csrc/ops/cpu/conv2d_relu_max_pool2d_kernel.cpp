@@ -7,6 +7,7 @@
 #include "ops/cpu/conv2d_relu_max_pool2d_path.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
@@ -24,6 +25,8 @@
 #include <atomic>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace ptfast::cpu {
 
@@ -130,6 +133,24 @@ void vendor_forward(const ops::ForwardTensors& t) {
       {conv, t.output, t.codes, t.shape, t.params});
 }
 
+// The direct kernels compute in float32 or float64 only: a half-precision
+// call (bfloat16, float16) runs them in float32 on converted copies, which
+// costs a pass over the input and the output, small next to the conv. The
+// kernel rounds the conv planes to the call's dtype before pooling (see
+// Conv2dReluMaxPool2dForwardArgs), so ReLU and the arg-max see native's
+// values.
+void direct_forward_half(const ops::ForwardTensors& t) {
+  const at::Tensor input = t.input.to(at::kFloat);
+  const at::Tensor weight = t.weight.to(at::kFloat);
+  const at::Tensor bias = t.bias.defined() ? t.bias.to(at::kFloat) : t.bias;
+  const at::Tensor output =
+      at::empty(t.output.sizes(), t.output.options().dtype(at::kFloat));
+  conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
+      {input, weight, bias, output, t.codes, t.shape, t.params,
+       t.input.scalar_type()});
+  t.output.copy_(output);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -142,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
       pool_stride, pool_padding, ceil_mode, with_codes,
       [&](const ops::Conv2dReluMaxPool2dShape& s,
           const ops::Conv2dReluMaxPool2dParams& p) {
-        path = choose_path(s, p, ConvBlockPass::kForward);
+        path = choose_path(s, p, ConvBlockPass::kForward, input.scalar_type());
         return kernel_layout(path);
       });
   ops::check_cpu_dtype(kOp, t.input, "input");
@@ -151,9 +172,12 @@ std::tuple<at::Tensor, at::Tensor> forward(
   }
   if (path == ConvBlockPath::kVendor) {
     vendor_forward(t);
+  } else if (at::isReducedFloatingType(t.input.scalar_type())) {
+    direct_forward_half(t);
   } else {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
-        {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
+        {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params,
+         t.input.scalar_type()});
   }
   // The direct kernels write NCHW; for a channels-last call this copies the
   // pooled output (a quarter of the conv output or less) and the 1-byte codes.
@@ -179,6 +203,9 @@ void conv_output_gradient_typed(
     const ops::Conv2dReluMaxPool2dParams& p) {
   const int64_t plane_size = s.conv_h * s.conv_w;
   const int64_t taps = p.pool_kernel[0] * p.pool_kernel[1];
+  // Half-precision gradients add up in a float32 plane, rounded once.
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kAccumulateApart = !std::is_same_v<acc_t, scalar_t>;
   const scalar_t* grad = grad_output.const_data_ptr<scalar_t>();
   const code_t* code = codes.const_data_ptr<code_t>();
   scalar_t* dense = grad_conv.mutable_data_ptr<scalar_t>();
@@ -191,12 +218,26 @@ void conv_output_gradient_typed(
       0, s.batch * s.out_channels,
       std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, plane_size)),
       [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> sums(kAccumulateApart ? plane_size : 0);
         for (int64_t index = begin; index < end; ++index) {
           const int64_t n = index / s.out_channels;
           const int64_t channel = index % s.out_channels;
           scalar_t* plane = dense + n * ds[0] + channel * ds[1];
-          if (zero_planes) {
-            std::fill(plane, plane + plane_size, scalar_t(0));
+          // Where the sums go: the plane itself, by its strides, or (half
+          // precision) a float32 plane, row-major, copied into it at the end.
+          acc_t* sum_plane = nullptr;
+          int64_t sum_h_stride = s.conv_w;
+          int64_t sum_w_stride = 1;
+          if constexpr (kAccumulateApart) {
+            sum_plane = sums.data();
+            std::fill(sums.begin(), sums.end(), acc_t(0));
+          } else {
+            sum_plane = plane;
+            sum_h_stride = ds[2];
+            sum_w_stride = ds[3];
+            if (zero_planes) {
+              std::fill(plane, plane + plane_size, scalar_t(0));
+            }
           }
           const scalar_t* plane_grad = grad + n * gs[0] + channel * gs[1];
           const code_t* plane_code = code + n * cs[0] + channel * cs[1];
@@ -217,8 +258,16 @@ void conv_output_gradient_typed(
                 bad_code.store(true, std::memory_order_relaxed);
                 continue;
               }
-              plane[oh * ds[2] + ow * ds[3]] +=
-                  plane_grad[ph * gs[2] + pw * gs[3]];
+              sum_plane[oh * sum_h_stride + ow * sum_w_stride] +=
+                  static_cast<acc_t>(plane_grad[ph * gs[2] + pw * gs[3]]);
+            }
+          }
+          if constexpr (kAccumulateApart) {
+            for (int64_t oh = 0; oh < s.conv_h; ++oh) {
+              for (int64_t ow = 0; ow < s.conv_w; ++ow) {
+                plane[oh * ds[2] + ow * ds[3]] =
+                    static_cast<scalar_t>(sums[oh * s.conv_w + ow]);
+              }
             }
           }
         }
@@ -248,8 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
   at::Tensor grad_conv = t.memory_format == at::MemoryFormat::Contiguous
                              ? at::empty(conv_sizes, options)
                              : at::zeros(conv_sizes, options);
-  AT_DISPATCH_FLOATING_TYPES(
-      t.grad_output.scalar_type(), "conv2d_relu_max_pool2d_conv_gradient", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.grad_output.scalar_type(),
+      "conv2d_relu_max_pool2d_conv_gradient", [&] {
         ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
           conv_output_gradient_typed<scalar_t, decltype(code)>(
               t.grad_output, t.codes, grad_conv, s, p);
@@ -262,6 +312,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
                      : at::OptionalIntArrayRef(),
       p.stride, p.padding, p.dilation, /*transposed=*/false,
       /*output_padding=*/{0, 0}, p.groups, output_mask);
+}
+
+// The direct backward, in the dtype of `t`'s tensors (float32 or float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
+    const ops::BackwardTensors& t) {
+  bool input_non_finite = false;
+  bool weight_non_finite = false;
+  conv2d_relu_max_pool2d_backward_stub.get("_conv2d_relu_max_pool2d_backward")(
+      {t.grad_output, t.codes, t.input, t.weight, t.grad_input, t.grad_weight,
+       t.grad_bias, t.shape, t.params, &input_non_finite, &weight_non_finite});
+  if (input_non_finite || weight_non_finite) {
+    propagate_non_finite_like_native(
+        t.input, t.weight, t.codes,
+        weight_non_finite ? t.grad_input : at::Tensor(),
+        input_non_finite ? t.grad_weight : at::Tensor(), t.shape, t.params);
+  }
+  return {t.grad_input, t.grad_weight, t.grad_bias};
+}
+
+// A half-precision backward on the direct path runs the float32 kernel on
+// converted copies and rounds the gradients once, as direct_forward_half.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_half(
+    const ops::BackwardTensors& t) {
+  ops::BackwardTensors f = t;
+  for (at::Tensor* tensor : {&f.grad_output, &f.input, &f.weight}) {
+    *tensor = tensor->to(at::kFloat);
+  }
+  for (at::Tensor* grad : {&f.grad_input, &f.grad_weight, &f.grad_bias}) {
+    if (grad->defined()) {
+      *grad = at::empty(grad->sizes(), grad->options().dtype(at::kFloat));
+    }
+  }
+  auto grads = direct_backward(f);
+  const auto rounded = [&](const at::Tensor& grad) {
+    return grad.defined() ? grad.to(t.input.scalar_type()) : grad;
+  };
+  return {
+      rounded(std::get<0>(grads)), rounded(std::get<1>(grads)),
+      rounded(std::get<2>(grads))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
@@ -278,7 +367,7 @@ conv2d_relu_max_pool2d_backward_cpu(
       pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask,
       [&](const ops::Conv2dReluMaxPool2dShape& s,
           const ops::Conv2dReluMaxPool2dParams& p) {
-        path = choose_path(s, p, ConvBlockPass::kBackward);
+        path = choose_path(s, p, ConvBlockPass::kBackward, input.scalar_type());
         return kernel_layout(path);
       });
   ops::check_cpu_dtype(kOp, t.input, "input");
@@ -294,17 +383,9 @@ conv2d_relu_max_pool2d_backward_cpu(
     // convolution_backward returns its gradients in native's memory format.
     return vendor_backward(t, output_mask);
   }
-  bool input_non_finite = false;
-  bool weight_non_finite = false;
-  conv2d_relu_max_pool2d_backward_stub.get("_conv2d_relu_max_pool2d_backward")(
-      {t.grad_output, t.codes, t.input, t.weight, t.grad_input, t.grad_weight,
-       t.grad_bias, t.shape, t.params, &input_non_finite, &weight_non_finite});
-  if (input_non_finite || weight_non_finite) {
-    propagate_non_finite_like_native(
-        t.input, t.weight, t.codes,
-        weight_non_finite ? t.grad_input : at::Tensor(),
-        input_non_finite ? t.grad_weight : at::Tensor(), t.shape, t.params);
-  }
+  std::tie(t.grad_input, t.grad_weight, t.grad_bias) =
+      at::isReducedFloatingType(t.input.scalar_type()) ? direct_backward_half(t)
+                                                       : direct_backward(t);
   // The direct kernels write NCHW: a channels-last call copies its gradients
   // (the size of input and weight) into native's format.
   return ops::backward_result(t);
@@ -325,7 +406,8 @@ int64_t conv_block_path(
       input, weight, std::nullopt, params);
   return static_cast<int64_t>(choose_path(
       shape, params,
-      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward));
+      backward ? ConvBlockPass::kBackward : ConvBlockPass::kForward,
+      input.scalar_type()));
 }
 
 }  // namespace

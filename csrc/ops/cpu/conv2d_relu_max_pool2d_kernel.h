@@ -22,6 +22,10 @@ struct Conv2dReluMaxPool2dForwardArgs {
   const at::Tensor& codes;   // arg-max codes like output, or undefined
   const ops::Conv2dReluMaxPool2dShape& shape;
   const ops::Conv2dReluMaxPool2dParams& params;
+  // The dtype of the call. The kernel computes in the tensors' dtype; when
+  // a half-precision call runs in float32 (bfloat16, float16), it rounds the
+  // conv outputs to this dtype before ReLU and pooling.
+  at::ScalarType conv_dtype;
 };
 
 struct Conv2dReluMaxPool2dBackwardArgs {

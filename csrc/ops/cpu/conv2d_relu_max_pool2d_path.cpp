@@ -41,12 +41,47 @@ bool parse_conv_block_path(std::string_view name, ConvBlockPath* path) {
   return false;
 }
 
+bool cpu_has_bfloat16_dot_products() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 ConvBlockPath choose_path(
     const ops::Conv2dReluMaxPool2dShape& s,
-    const ops::Conv2dReluMaxPool2dParams& p, ConvBlockPass pass) {
+    const ops::Conv2dReluMaxPool2dParams& p, ConvBlockPass pass,
+    at::ScalarType dtype) {
   const ConvBlockPath forced = conv_block_policy();
   if (forced != ConvBlockPath::kAuto) {
     return forced;
+  }
+  const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
+  // Half precision (README, "Half precision on the CPU"; 1 thread, a Xeon
+  // with AMX). bfloat16 on a CPU with bfloat16 dot products: oneDNN's
+  // convolution beats the direct kernels (which compute in float32) from
+  // about 150 products per output in the forward (16 -> 32, 3x3, N64: 1.7x)
+  // and 250-290 in the backward (10 -> 20, 5x5: direct 1.3x faster; 32 ->
+  // 64, 3x3: vendor 1.6x), given enough work to pay for oneDNN's per-call
+  // cost: MNIST's block 2 (250 products) is 1.1x faster there at N64 (2^24
+  // multiply-adds) and 1.1x-6x slower at N32 and below. float16: oneDNN has
+  // no fast float16 convolution without AMX-FP16 (10 -> 20, 5x5: 4x slower
+  // forward than direct), and ATen's float16 convolution_backward is
+  // 100x-250x slower than the direct backward, which therefore serves every
+  // float16 backward. Below these thresholds (and on other CPUs) the float32
+  // rule applies.
+  constexpr int64_t kBfloat16VendorFromMultiplyAdds = int64_t{1} << 24;
+  if (dtype == at::kBFloat16 && cpu_has_bfloat16_dot_products()) {
+    const int64_t multiply_adds =
+        s.batch * s.out_channels * s.conv_h * s.conv_w * products;
+    if (products >= (pass == ConvBlockPass::kForward ? 128 : 256) &&
+        multiply_adds >= kBfloat16VendorFromMultiplyAdds) {
+      return ConvBlockPath::kVendor;
+    }
+  } else if (dtype == at::kHalf && pass == ConvBlockPass::kBackward) {
+    return ConvBlockPath::kDirect;
   }
   // The direct kernels win by far where each conv output sums few products
   // (the MNIST, LeNet and CIFAR-input blocks: 3.5x-8x eager), and lose
@@ -58,7 +93,6 @@ ConvBlockPath choose_path(
   // within 30% of each other, and the vendor path is preferred there
   // because it cannot fall behind native.
   constexpr int64_t kVendorFromProducts = 320;
-  const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
   if (products >= kVendorFromProducts) {
     return ConvBlockPath::kVendor;
   }

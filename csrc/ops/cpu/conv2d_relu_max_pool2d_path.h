@@ -34,9 +34,15 @@ bool parse_conv_block_path(std::string_view name, ConvBlockPath* path);
 // The pass a path is chosen for.
 enum class ConvBlockPass : int { kForward = 0, kBackward = 1 };
 
-// kDirect or kVendor: the policy, or under `auto` the measured rule.
+// kDirect or kVendor for a call in `dtype`: the policy, or under `auto` the
+// measured rule.
 ConvBlockPath choose_path(
     const ops::Conv2dReluMaxPool2dShape& shape,
-    const ops::Conv2dReluMaxPool2dParams& params, ConvBlockPass pass);
+    const ops::Conv2dReluMaxPool2dParams& params, ConvBlockPass pass,
+    at::ScalarType dtype);
+
+// Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16, and AMX on
+// the Xeons that have it), which oneDNN's bfloat16 convolutions use.
+bool cpu_has_bfloat16_dot_products();
 
 }  // namespace ptfast::cpu

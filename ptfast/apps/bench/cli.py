@@ -4,6 +4,7 @@
     ptfast-bench --full          every shape, batch 1024 included
     ptfast-bench --only log_softmax --device cpu
     ptfast-bench --smoke --out /tmp/bench   tiny shapes, one repeat: checks the suite runs
+    ptfast-bench --dtype bfloat16 --only "mnist*"   half precision, against native in the same dtype
 
 Prints a table of times and speedups, and writes results.json, results.md
 and speedup-<device>-<family>.png to --out (default
@@ -57,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         help='run only cases whose name contains PATTERN (shell wildcards allowed; several separated by commas), '
         'e.g. "log_softmax" or "mnist1*N64,log_softmax/inference"',
     )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32",
+        help="dtype of every case's tensors and models, ptfast and native alike (default float32); "
+        "the default --out then ends in -<dtype>",
+    )
     return parser
+
+
+# The dtypes --dtype takes: every one that both ops take on CPU and CUDA.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def selection_of(args: argparse.Namespace) -> Selection:
@@ -86,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     selection = selection_of(args)
     devices = devices_of(args)
     settings = TIMING_SETTINGS[selection]
-    dtype = torch.float32
+    dtype = DTYPES[args.dtype]
     # Fix the thread count for the whole run (eager, ptfast's OpenMP and
     # inductor's generated code all follow it) and record it.
     torch.set_num_threads(torch.get_num_threads())
     freed_memory_kept_mapped = keep_freed_memory_mapped()
     machine = describe_machine(gpu=any(device.type == "cuda" for device in devices))
-    out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / machine.slug()
+    default_dir = machine.slug() if dtype == torch.float32 else f"{machine.slug()}-{args.dtype}"
+    out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / default_dir
     if problem := write_problem(out_dir, folder=True):
         parser.error(f"--out {out_dir}: {problem}")
     cases = select_cases(selection, pattern=args.only)

@@ -8,8 +8,10 @@
 // and slack (the gathers read the sentinel for taps outside the plane, the row
 // path loads two vectors past a row's start), then pooled by the code the
 // direct forward uses, so both paths pick the same arg-max by construction.
+// Half-precision conv outputs are pooled in float32 (see epilogue_typed).
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_pooling.h"
+#include "ops/cpu/isa/half_precision.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,13 +19,20 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace ptfast::cpu {
 namespace {
 
+// A half-precision conv output (bfloat16, float16) is converted into the
+// float32 buffer, and the pooled float32 values, which are conv outputs
+// themselves, convert back exactly: ReLU, pooling and arg-max see the values
+// native's half-precision conv2d stored, and pick as native's max_pool2d does.
 template <typename scalar_t, typename code_t>
 void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
+  constexpr bool kHalf = is_half_precision_v<scalar_t>;
+  using pool_t = std::conditional_t<kHalf, float, scalar_t>;
   const auto& s = a.shape;
   const int64_t plane_size = s.conv_h * s.conv_w;
   const int64_t pooled_size = s.pooled_h * s.pooled_w;
@@ -39,8 +48,11 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const bool conv_planes = cs[3] == 1 && cs[2] == s.conv_w;
   const bool pooled_planes =
       os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
-  const PlanePooling<scalar_t> pool_plane(s, a.params);
-  const int64_t buffer_size = plane_size + 1 + PlanePooling<scalar_t>::kSlack;
+  // The pooling writes the output's planes itself only when they are NCHW
+  // and of its own type; otherwise it writes a buffer, copied out after.
+  const bool output_in_place = pooled_planes && !kHalf;
+  const PlanePooling<pool_t> pool_plane(s, a.params);
+  const int64_t buffer_size = plane_size + 1 + PlanePooling<pool_t>::kSlack;
   // Channels-last: up to kBlock neighbouring channels are gathered at once,
   // so each cache line of the conv output is read once (a channel at a time
   // re-read every line kBlock times: vgg's 112x112 planes lost 10% to native
@@ -51,12 +63,12 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
       0, s.batch * s.out_channels,
       std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, plane_size)),
       [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> planes(block * buffer_size);
+        std::vector<pool_t> planes(block * buffer_size);
         for (int64_t j = 0; j < block; ++j) {
           planes[j * buffer_size + plane_size] =
-              -std::numeric_limits<scalar_t>::infinity();
+              -std::numeric_limits<pool_t>::infinity();
         }
-        std::vector<scalar_t> pooled(pooled_planes ? 0 : block * pooled_size);
+        std::vector<pool_t> pooled(output_in_place ? 0 : block * pooled_size);
         std::vector<code_t> pooled_codes(
             pooled_planes ? 0 : block * pooled_size);
         for (int64_t index = begin; index < end;) {
@@ -67,17 +79,24 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
           const scalar_t* source = conv + n * cs[0] + c0 * cs[1];
           if (conv_planes) {
             for (int64_t j = 0; j < channels; ++j) {
-              std::memcpy(
-                  planes.data() + j * buffer_size, source + j * cs[1],
-                  plane_size * sizeof(scalar_t));
+              if constexpr (kHalf) {
+                half_to_float(
+                    source + j * cs[1], planes.data() + j * buffer_size,
+                    plane_size);
+              } else {
+                std::memcpy(
+                    planes.data() + j * buffer_size, source + j * cs[1],
+                    plane_size * sizeof(scalar_t));
+              }
             }
           } else {
             for (int64_t h = 0; h < s.conv_h; ++h) {
               for (int64_t w = 0; w < s.conv_w; ++w) {
                 const scalar_t* pixel = source + h * cs[2] + w * cs[3];
-                scalar_t* target = planes.data() + h * s.conv_w + w;
+                pool_t* target = planes.data() + h * s.conv_w + w;
                 for (int64_t j = 0; j < channels; ++j) {
-                  target[j * buffer_size] = pixel[j * cs[1]];
+                  target[j * buffer_size] =
+                      static_cast<pool_t>(pixel[j * cs[1]]);
                 }
               }
             }
@@ -86,16 +105,28 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
           code_t* code =
               codes != nullptr ? codes + n * ks[0] + c0 * ks[1] : nullptr;
           for (int64_t j = 0; j < channels; ++j) {
-            const scalar_t* plane = planes.data() + j * buffer_size;
-            if (pooled_planes) {
-              pool_plane(
-                  plane, out + j * os[1],
-                  code != nullptr ? code + j * ks[1] : nullptr);
-            } else {
-              pool_plane(
-                  plane, pooled.data() + j * pooled_size,
-                  code != nullptr ? pooled_codes.data() + j * pooled_size
-                                  : nullptr);
+            const pool_t* plane = planes.data() + j * buffer_size;
+            code_t* plane_code = nullptr;
+            if (code != nullptr) {
+              plane_code = pooled_planes
+                               ? code + j * ks[1]
+                               : pooled_codes.data() + j * pooled_size;
+            }
+            if constexpr (!kHalf) {
+              if (output_in_place) {
+                pool_plane(plane, out + j * os[1], plane_code);
+                continue;
+              }
+            }
+            pool_plane(plane, pooled.data() + j * pooled_size, plane_code);
+            if constexpr (kHalf) {
+              if (pooled_planes) {
+                // The pooled float32 values are conv outputs: exact in the half
+                // type.
+                float_to_half(
+                    pooled.data() + j * pooled_size, out + j * os[1],
+                    pooled_size);
+              }
             }
           }
           if (!pooled_planes) {
@@ -104,7 +135,8 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
                 const int64_t cell = ph * s.pooled_w + pw;
                 scalar_t* out_cell = out + ph * os[2] + pw * os[3];
                 for (int64_t j = 0; j < channels; ++j) {
-                  out_cell[j * os[1]] = pooled[j * pooled_size + cell];
+                  out_cell[j * os[1]] =
+                      static_cast<scalar_t>(pooled[j * pooled_size + cell]);
                 }
                 if (code != nullptr) {
                   code_t* code_cell = code + ph * ks[2] + pw * ks[3];
@@ -122,8 +154,9 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
 
 void conv2d_relu_max_pool2d_epilogue_kernel(
     const Conv2dReluMaxPool2dEpilogueArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES(
-      args.conv.scalar_type(), "conv2d_relu_max_pool2d_epilogue_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, args.conv.scalar_type(),
+      "conv2d_relu_max_pool2d_epilogue_cpu", [&] {
         ops::dispatch_code_type(
             ops::argmax_code_dtype(args.params),
             [&](auto code) { epilogue_typed<scalar_t, decltype(code)>(args); });

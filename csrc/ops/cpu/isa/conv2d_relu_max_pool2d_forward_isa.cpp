@@ -7,6 +7,7 @@
 // window.
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_pooling.h"
+#include "ops/cpu/isa/half_precision.h"
 #include "ops/geometry.h"
 
 #include <ATen/Dispatch.h>
@@ -242,6 +243,21 @@ void stage_shifted_columns(
   }
 }
 
+// Rounds `count` conv planes, `stride` apart, to the half-precision dtype
+// the op was called in: the direct path computes a half-precision call in
+// float32, and pools what native's conv2d in that dtype would have stored.
+void round_planes(
+    at::ScalarType dtype, float* planes, int64_t count, int64_t size,
+    int64_t stride) {
+  for (int64_t j = 0; j < count; ++j) {
+    if (dtype == at::kBFloat16) {
+      round_to_half<c10::BFloat16>(planes + j * stride, size);
+    } else {
+      round_to_half<c10::Half>(planes + j * stride, size);
+    }
+  }
+}
+
 template <typename scalar_t, typename code_t>
 void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
   const auto& s = a.shape;
@@ -309,6 +325,13 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
               planes.data(), staged.data(), weight + first * weight_size,
               bias != nullptr ? bias + first : nullptr, block, in_group,
               tap_offsets, layout, s, p);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (a.conv_dtype != at::kFloat) {
+              round_planes(
+                  a.conv_dtype, planes.data(), block, layout.plane_size,
+                  layout.plane_stride);
+            }
+          }
           for (int64_t j = 0; j < block; ++j) {
             const int64_t plane_index = n * s.out_channels + first + j;
             pool_plane(

@@ -7,6 +7,7 @@
 // an L1-sized chunk at a time, into rows of the last dim, and back. Otherwise
 // vectors of inner positions are reduced together along dim.
 #include "ops/cpu/log_softmax_kernel.h"
+#include "ops/cpu/isa/half_precision.h"
 #include "ops/cpu/isa/log_softmax_rows.h"
 
 #include <ATen/Dispatch.h>
@@ -249,49 +250,164 @@ void backward_inner(
       });
 }
 
-void log_softmax_forward(const ops::LogSoftmaxTensors& t) {
-  const ops::LogSoftmaxLayout& l = t.layout;
-  AT_DISPATCH_FLOATING_TYPES(t.input.scalar_type(), "log_softmax_cpu", [&] {
-    const scalar_t* x = t.input.const_data_ptr<scalar_t>();
-    scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
-    if (l.inner == 1) {
-      at::parallel_for(
-          0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
-          [&](int64_t begin, int64_t end) {
-            const int64_t offset = begin * l.dim_size;
-            forward_rows(
-                x + offset, y + offset, end - begin, l.dim_size,
-                t.input.nbytes());
-          });
-    } else if (transposes_to_rows<scalar_t>(l)) {
-      forward_transposed(x, y, l);
-    } else {
-      forward_inner(x, y, l);
+// The kernels on contiguous data laid out as `l`, in place or not.
+template <typename scalar_t>
+void forward_contiguous(
+    const scalar_t* x, scalar_t* y, const ops::LogSoftmaxLayout& l) {
+  if (l.inner == 1) {
+    const int64_t bytes = l.outer * l.dim_size * sizeof(scalar_t);
+    at::parallel_for(
+        0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
+        [&](int64_t begin, int64_t end) {
+          const int64_t offset = begin * l.dim_size;
+          forward_rows(x + offset, y + offset, end - begin, l.dim_size, bytes);
+        });
+  } else if (transposes_to_rows<scalar_t>(l)) {
+    forward_transposed(x, y, l);
+  } else {
+    forward_inner(x, y, l);
+  }
+}
+
+template <typename scalar_t>
+void backward_contiguous(
+    const scalar_t* dy, const scalar_t* y, scalar_t* dx,
+    const ops::LogSoftmaxLayout& l, bool streaming) {
+  if (l.inner == 1) {
+    at::parallel_for(
+        0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
+        [&](int64_t begin, int64_t end) {
+          const int64_t offset = begin * l.dim_size;
+          backward_rows(
+              dy + offset, y + offset, dx + offset, end - begin, l.dim_size,
+              streaming);
+        });
+  } else if (transposes_to_rows<scalar_t>(l)) {
+    backward_transposed(dy, y, dx, l);
+  } else {
+    backward_inner(dy, y, dx, l, streaming);
+  }
+}
+
+// Half precision (bfloat16, float16): chunks of whole slices are converted
+// into float32 buffers that stay in L2, the float32 kernels run on the
+// buffers (their at::parallel_for runs inline inside this one's tasks), and
+// the results are rounded back: one read and one write of the half-precision
+// tensors, as native. A slice larger than a chunk is a chunk of its own
+// (from L2 or beyond); with fewer such slices than threads the whole tensor
+// is converted instead, so that the threads still share the work.
+constexpr int64_t kHalfChunkElements = 1 << 14;
+
+// Whether to convert the whole tensor rather than chunks: fewer slices than
+// threads, each larger than a chunk, would leave threads idle.
+bool converts_whole_tensor(const ops::LogSoftmaxLayout& l) {
+  return l.dim_size * l.inner > kHalfChunkElements &&
+      l.outer < at::get_num_threads();
+}
+
+// Calls chunk_fn(first_slice, slice_count, buffers) for chunks of whole
+// slices, in parallel, with `buffer_count` float32 buffers of a chunk each.
+template <typename ChunkFn>
+void for_each_half_chunk(
+    const ops::LogSoftmaxLayout& l, int buffer_count, const ChunkFn& chunk_fn) {
+  const int64_t slice = l.dim_size * l.inner;
+  const int64_t per_chunk =
+      std::min(l.outer, std::max<int64_t>(1, kHalfChunkElements / slice));
+  const int64_t chunks = (l.outer + per_chunk - 1) / per_chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffers(buffer_count * per_chunk * slice);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * per_chunk;
+      chunk_fn(first, std::min(per_chunk, l.outer - first), buffers.data());
     }
   });
 }
 
+// Whole-tensor conversions, shared by the threads.
+template <typename From, typename To, typename ConvertFn>
+void convert_in_parallel(
+    const From* src, To* dst, int64_t n, const ConvertFn& convert) {
+  at::parallel_for(0, n, kGrainElements, [&](int64_t begin, int64_t end) {
+    convert(src + begin, dst + begin, end - begin);
+  });
+}
+
+template <typename half_t>
+void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
+  const int64_t slice = l.dim_size * l.inner;
+  if (converts_whole_tensor(l)) {
+    std::vector<float> buffer(l.outer * slice);
+    convert_in_parallel(
+        x, buffer.data(), l.outer * slice, half_to_float<half_t>);
+    forward_contiguous<float>(buffer.data(), buffer.data(), l);
+    convert_in_parallel(
+        buffer.data(), y, l.outer * slice, float_to_half<half_t>);
+    return;
+  }
+  for_each_half_chunk(l, 1, [&](int64_t first, int64_t count, float* buffer) {
+    const int64_t n = count * slice;
+    half_to_float(x + first * slice, buffer, n);
+    forward_contiguous<float>(buffer, buffer, {count, l.dim_size, l.inner});
+    float_to_half(buffer, y + first * slice, n);
+  });
+}
+
+template <typename half_t>
+void backward_half(
+    const half_t* dy, const half_t* y, half_t* dx,
+    const ops::LogSoftmaxLayout& l) {
+  const int64_t slice = l.dim_size * l.inner;
+  if (converts_whole_tensor(l)) {
+    const int64_t n = l.outer * slice;
+    std::vector<float> buffers(2 * n);
+    float* grad = buffers.data();
+    float* out = grad + n;
+    convert_in_parallel(dy, grad, n, half_to_float<half_t>);
+    convert_in_parallel(y, out, n, half_to_float<half_t>);
+    backward_contiguous<float>(grad, out, grad, l, /*streaming=*/false);
+    convert_in_parallel(grad, dx, n, float_to_half<half_t>);
+    return;
+  }
+  const auto run = [&](int64_t first, int64_t count, float* grad, float* out) {
+    const int64_t n = count * slice;
+    half_to_float(dy + first * slice, grad, n);
+    half_to_float(y + first * slice, out, n);
+    backward_contiguous<float>(
+        grad, out, grad, {count, l.dim_size, l.inner}, /*streaming=*/false);
+    float_to_half(grad, dx + first * slice, n);
+  };
+  const int64_t per_chunk =
+      std::min(l.outer, std::max<int64_t>(1, kHalfChunkElements / slice));
+  for_each_half_chunk(l, 2, [&](int64_t first, int64_t count, float* buffers) {
+    run(first, count, buffers, buffers + per_chunk * slice);
+  });
+}
+
+void log_softmax_forward(const ops::LogSoftmaxTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.input.scalar_type(), "log_softmax_cpu", [&] {
+        const scalar_t* x = t.input.const_data_ptr<scalar_t>();
+        scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
+        if constexpr (is_half_precision_v<scalar_t>) {
+          forward_half(x, y, t.layout);
+        } else {
+          forward_contiguous(x, y, t.layout);
+        }
+      });
+}
+
 void log_softmax_backward(const ops::LogSoftmaxBackwardTensors& t) {
-  const ops::LogSoftmaxLayout& l = t.layout;
-  AT_DISPATCH_FLOATING_TYPES(
-      t.output.scalar_type(), "log_softmax_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, t.output.scalar_type(),
+      "log_softmax_backward_cpu", [&] {
         const scalar_t* dy = t.grad_output.const_data_ptr<scalar_t>();
         const scalar_t* y = t.output.const_data_ptr<scalar_t>();
         scalar_t* dx = t.grad_input.mutable_data_ptr<scalar_t>();
-        const bool streaming = use_streaming_stores(t.grad_input);
-        if (l.inner == 1) {
-          at::parallel_for(
-              0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
-              [&](int64_t begin, int64_t end) {
-                const int64_t offset = begin * l.dim_size;
-                backward_rows(
-                    dy + offset, y + offset, dx + offset, end - begin,
-                    l.dim_size, streaming);
-              });
-        } else if (transposes_to_rows<scalar_t>(l)) {
-          backward_transposed(dy, y, dx, l);
+        if constexpr (is_half_precision_v<scalar_t>) {
+          backward_half(dy, y, dx, t.layout);
         } else {
-          backward_inner(dy, y, dx, l, streaming);
+          backward_contiguous(
+              dy, y, dx, t.layout, use_streaming_stores(t.grad_input));
         }
       });
 }

@@ -1,0 +1,237 @@
+"""bfloat16 and float16 on the CPU: both ops against native in the same dtype, and CPU autocast.
+
+Tolerances. Native and ptfast both compute half-precision calls in float32
+and round each result once to the half-precision dtype.
+
+* The fused block's grid uses dyadic data (common_utils.make_data): every conv
+  sum, gradient sum and pooled value is exact in float32 whatever the order,
+  so both sides round the same exact values and must agree bit for bit, ties
+  in a pooling window and arg-max choices included.
+* log_softmax computes exp and log, never exact, and native's last-dim
+  kernel rounds max + log(sum) to the half dtype before subtracting it:
+  results may differ by one ulp of the dtype (2**-7 bfloat16, 2**-10
+  float16) of the row's largest |x|, and ptfast must be at least as close to
+  the float64 result as native is.
+* A model on random data under autocast: conv sums are not exact, so a conv
+  output near a rounding boundary can round one ulp apart on the two sides,
+  and a near-tie in a pooling window can then pick another arg-max. Outputs
+  and gradients are compared at a few ulps of the dtype relative to their
+  largest entry.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptfast
+from common_utils import block_inputs, make_data, native_block
+from test_conv2d_relu_max_pool2d import BASE, GRID
+from tutorial import Net
+
+HALF = [torch.bfloat16, torch.float16]
+HALF_IDS = ["bfloat16", "float16"]
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.fixture(params=HALF, ids=HALF_IDS)
+def half(request) -> torch.dtype:
+    return request.param
+
+
+def _assert_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    assert got.dtype == want.dtype, name
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- the fused block
+
+
+@pytest.mark.parametrize("path", ["direct", "vendor"])
+@pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
+def test_block_matches_native_exactly(shape, kwargs, half, path):
+    cfg = {**BASE, **shape}
+    x, w, b = block_inputs(cfg["n"], cfg["c"], cfg["oc"], cfg["h"], cfg["w"], cfg["kernel"], cfg["groups"],
+                           cfg["bias"], torch.float32)
+    x, w = (t.detach().to(half).requires_grad_() for t in (x, w))
+    b = b.detach().to(half).requires_grad_() if b is not None else None
+    kwargs = {**kwargs, "groups": cfg["groups"]}
+    with ptfast.backends.cpu.flags(conv_block=path):
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs)
+        ref = native_block(x, w, b, **kwargs)
+        _assert_equal(out, ref, "output")
+        grad = make_data(ref.shape, torch.float32, torch.Generator().manual_seed(1)).to(half)
+        leaves = [t for t in (x, w, b) if t is not None]
+        got = torch.autograd.grad(out, leaves, grad)
+        want = torch.autograd.grad(ref, leaves, grad)
+    for name, a, e in zip(["input", "weight", "bias"], got, want):
+        _assert_equal(a, e, f"grad {name}")
+
+
+def test_direct_path_rounds_conv_outputs_before_pooling(half):
+    # Distinct float32 conv outputs 1 + k * ulp / 8 (k = 0..3) that all round
+    # to 1: the direct kernel computes them in float32, and must round them
+    # before picking the arg-max, as native's half-precision conv2d stores
+    # them (unrounded, the last tap would win).
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 0] = 1
+    x[0, 1] = torch.tensor([[0.0, 1.0], [2.0, 3.0]]) * 2.0**-6
+    w = torch.tensor([1.0, ULP[half] / 8 * 2.0**6]).view(1, 2, 1, 1)
+    xh, wh = x.to(half), w.to(half)
+    with ptfast.backends.cpu.flags(conv_block="direct"):
+        xh.requires_grad_()
+        out, codes = torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes(
+            xh, wh, None, [1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], False)
+    ref = native_block(xh.detach(), wh)
+    _assert_equal(out, ref, "output")
+    assert codes.flatten().tolist() == [1]  # the first tap, as native's max_pool2d on the rounded values
+
+
+def test_block_autocast_follows_natives_dtypes(half):
+    x, w, b = (t.detach() for t in block_inputs(2, 3, 4, 10, 9, 3, 1, True, torch.float32))
+    with torch.autocast("cpu", dtype=half):
+        for args in [(x, w, b), (x.to(half), w, b), (x.double(), w.double(), b.double())]:
+            assert ptfast.conv2d_relu_max_pool2d(*args).dtype == native_block(*args).dtype
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b)
+    assert out.dtype == half
+    _assert_equal(out, native_block(x.to(half), w.to(half), b.to(half)), "output")
+
+
+def _cpu_has_bfloat16_dot_products() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags
+
+
+# (id, (batch, in channels, out channels, size, kernel), op keyword arguments, dtype,
+#  the paths auto takes (forward, backward) on a CPU with bfloat16 dot products)
+HALF_RULE = [
+    ("mnist_block1_n64", (64, 1, 10, 28, 5), {}, torch.bfloat16, ("direct", "direct")),
+    ("mnist_block2_n64", (64, 10, 20, 12, 5), {}, torch.bfloat16, ("vendor", "direct")),
+    ("mnist_block2_n32", (32, 10, 20, 12, 5), {}, torch.bfloat16, ("direct", "direct")),
+    ("products_127", (4096, 127, 8, 8, 1), {}, torch.bfloat16, ("direct", "direct")),
+    ("products_128", (4096, 128, 8, 8, 1), {}, torch.bfloat16, ("vendor", "direct")),
+    ("products_256", (4096, 256, 8, 8, 1), {}, torch.bfloat16, ("vendor", "vendor")),
+    ("products_256_little_work", (2, 256, 8, 8, 1), {}, torch.bfloat16, ("direct", "direct")),
+    ("overlapping", (2, 3, 8, 20, 3), dict(pool_kernel_size=3, pool_stride=2), torch.bfloat16, ("direct", "vendor")),
+    ("float16_mnist_block2", (64, 10, 20, 12, 5), {}, torch.float16, ("direct", "direct")),
+    ("float16_vgg", (2, 512, 512, 14, 3), dict(padding=1), torch.float16, ("vendor", "direct")),
+]
+
+
+@pytest.mark.parametrize("dims,kwargs,dtype,expected", [r[1:] for r in HALF_RULE], ids=[r[0] for r in HALF_RULE])
+def test_auto_rule_for_half_precision(dims, kwargs, dtype, expected):
+    """bfloat16 on a CPU with bfloat16 dot products: vendor from 128 products per conv output
+    forward, 256 backward, with at least 2**24 multiply-adds, else the float32 rule; float16:
+    direct for every backward."""
+    n, c, oc, h, k = dims
+    x, w = torch.empty(n, c, h, h, device="meta", dtype=dtype), torch.empty(oc, c, k, k, device="meta", dtype=dtype)
+    got = (ptfast.backends.cpu.conv_block_path(x, w, **kwargs),
+           ptfast.backends.cpu.conv_block_path(x, w, backward=True, **kwargs))
+    if dtype == torch.bfloat16 and not _cpu_has_bfloat16_dot_products():
+        float_rule = (ptfast.backends.cpu.conv_block_path(x.float(), w.float(), **kwargs),
+                      ptfast.backends.cpu.conv_block_path(x.float(), w.float(), backward=True, **kwargs))
+        assert got == float_rule
+    else:
+        assert got == expected
+
+
+# ----------------------------------------------------------------------------- log_softmax
+
+# One shape per CPU path (see tests/test_log_softmax.py), and the slices
+# larger than a float32 chunk (half precision goes through float32 buffers of
+# 2**14 elements, or through the whole tensor beyond that).
+LOG_SOFTMAX_SHAPES = {
+    "mnist-logits": ((64, 10), 1),
+    "rows-of-one": ((37, 1), 1),
+    "rows-across": ((37, 10), 1),
+    "rows-along": ((9, 40), 1),
+    "rows-long": ((3, 70000), 1),
+    "many-chunks": ((300, 1000), 1),
+    "transposed-copies": ((7, 10, 2), 1),
+    "transposed-registers": ((17, 10, 15), 1),
+    "transposed-large-slice": ((2, 5000, 5), 1),
+    "inner-vectors": ((3, 7, 40), 1),
+    "inner-vectors-large-slice": ((2, 300, 100), 1),
+    "first-dim": ((5, 37), 0),
+    "zero-dim": ((), 0),
+}
+
+
+@pytest.mark.parametrize("shape,dim", LOG_SOFTMAX_SHAPES.values(), ids=LOG_SOFTMAX_SHAPES.keys())
+def test_log_softmax_matches_native(shape, dim, half):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(half).requires_grad_()
+    out, ref = ptfast.log_softmax(x, dim), F.log_softmax(x, dim)
+    assert out.dtype == half
+    # Native's last-dim kernel stores max + log(sum) in the half dtype before
+    # subtracting it, so its results can sit one ulp of that offset (of the
+    # row's largest |x|) away from ptfast's, which round once from float32;
+    # ptfast is never the less accurate of the two.
+    exact = F.log_softmax(x.double(), dim)
+    assert (out.double() - exact).abs().max() <= (ref.double() - exact).abs().max()
+    scale = max(1.0, x.detach().abs().max().item())
+    torch.testing.assert_close(out, ref, rtol=ULP[half], atol=ULP[half] * scale)
+    grad = torch.randn(shape, generator=g).to(half)
+    got, = torch.autograd.grad(out, x, grad)
+    want, = torch.autograd.grad(ref, x, grad)
+    # dx = dy - exp(y) * sum(dy): native stores sum(dy) in the half dtype,
+    # ptfast keeps it in float32 and rounds dx once, so they may differ by
+    # one ulp of sum(dy); ptfast again is at least as accurate.
+    y = out.detach().double()
+    exact = grad.double() - y.exp() * grad.double().sum(dim, keepdim=True)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max()
+    sums = grad.float().sum(dim).abs().max().item()
+    torch.testing.assert_close(got, want, rtol=ULP[half], atol=ULP[half] * max(1.0, sums))
+
+
+def test_log_softmax_edge_values(half):
+    x = torch.tensor([[0.0, float("-inf"), 1.0], [float("nan"), 0.0, 1.0], [float("-inf")] * 3]).to(half)
+    torch.testing.assert_close(ptfast.log_softmax(x, 1), F.log_softmax(x, 1), equal_nan=True)
+
+
+def test_log_softmax_autocast_follows_natives_dtypes(half):
+    x = torch.randn(4, 10)
+    with torch.autocast("cpu", dtype=half):
+        for t in (x, x.to(half), x.double()):
+            out = ptfast.log_softmax(t, 1)
+            assert out.dtype == F.log_softmax(t, 1).dtype == t.dtype
+
+
+# ----------------------------------------------------------------------------- the tutorial's model
+
+
+def _autocast_run(model: torch.nn.Module, x: torch.Tensor, half: torch.dtype):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=half):
+        out = model(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out.dtype)
+    out.backward(g)
+    return out.detach(), x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_cls", [Net, ptfast.models.MnistCNN], ids=["tutorial-Net", "MnistCNN"])
+def test_fused_model_under_autocast_matches_native(model_cls, half):
+    torch.manual_seed(0)
+    native = model_cls().eval()
+    fused = ptfast.fuse(native)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    out_n, gx_n, grads_n = _autocast_run(native, x, half)
+    out_f, gx_f, grads_f = _autocast_run(fused, x, half)
+    assert out_f.dtype == out_n.dtype == half
+    assert gx_f.dtype == gx_n.dtype == torch.float32
+
+    def close(a, e, name):
+        scale = max(1e-3, e.abs().max().item())
+        torch.testing.assert_close(a, e, rtol=4 * ULP[half], atol=4 * ULP[half] * scale, msg=lambda m: f"{name}: {m}")
+
+    close(out_f, out_n, "output")
+    close(gx_f, gx_n, "grad input")
+    assert list(grads_f) == list(grads_n)
+    for name in grads_n:
+        assert grads_f[name].dtype == grads_n[name].dtype == torch.float32
+        close(grads_f[name], grads_n[name], name)
