@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 import ptfast
 from common_utils import DEVICES
+
+# torch.compile's on-disk caches are per user, shared by every checkout and torch build: a
+# cached graph of a ptfast op since renamed fails to load ("no attribute
+# 'conv2d_relu_max_pool2d_with_indices'" after a rename). Each test session compiles afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ptfast-tests-inductor-"))
 
 # Native float32 convolutions on CUDA may use TF32; the comparisons need full float32.
 torch.backends.cudnn.allow_tf32 = False
