@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -14,7 +16,9 @@ from common_utils import DEVICES
 # torch.compile's on-disk caches are per user, shared by every checkout and torch build: a
 # cached graph of a ptfast op since renamed fails to load ("no attribute
 # 'conv2d_relu_max_pool2d_with_indices'" after a rename). Each test session compiles afresh.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ptfast-tests-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ptfast-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # Native float32 convolutions on CUDA may use TF32; the comparisons need full float32.
 torch.backends.cudnn.allow_tf32 = False
