@@ -2,7 +2,7 @@
 
 Run under compute-sanitizer by benchmarks/gpu_check.sh: small enough to finish
 quickly under memcheck and racecheck, and covering every launch path (both
-arg-max code types, every log_softmax layout).
+block paths, both arg-max code types, channels-last, every log_softmax layout).
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ import ptfast
 
 
 def block_calls(dtype: torch.dtype) -> None:
+    for path in ("vendor", "direct"):
+        with ptfast.backends.cuda.flags(conv_block=path):
+            _block_calls_on_the_current_path(dtype)
+
+
+def _block_calls_on_the_current_path(dtype: torch.dtype) -> None:
     for shape, kwargs in [
         ((3, 2, 11, 10), dict(padding=1)),
         ((2, 4, 9, 9), dict(groups=2, stride=2, pool_kernel_size=3, pool_stride=1, ceil_mode=True)),
@@ -22,6 +28,10 @@ def block_calls(dtype: torch.dtype) -> None:
         w = torch.randn(4, shape[1] // kwargs.get("groups", 1), 3, 3, device="cuda", dtype=dtype, requires_grad=True)
         b = torch.randn(4, device="cuda", dtype=dtype, requires_grad=True)
         ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs).sum().backward()
+    # channels-last: the vendor path's kernels walk it in its own memory order
+    x = torch.randn(2, 3, 9, 8, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    ptfast.conv2d_relu_max_pool2d(x.requires_grad_(), w, None, padding=1).sum().backward()
 
 
 def log_softmax_calls(dtype: torch.dtype) -> None:

@@ -1,23 +1,29 @@
 """Process-wide settings of ptfast's kernels, in the manner of ``torch.backends``.
 
-``ptfast.backends.cpu.conv_block`` picks the implementation of the fused
-conv2d -> ReLU -> max_pool2d block on the CPU:
+``ptfast.backends.cpu.conv_block`` and ``ptfast.backends.cuda.conv_block`` pick
+the implementation of the fused conv2d -> ReLU -> max_pool2d block on each
+device:
 
-- ``"direct"``: ptfast's own kernels compute the convolution and its gradients;
-  fastest where channel counts are small (the MNIST, LeNet and CIFAR blocks).
-- ``"vendor"``: ATen's convolution and ``convolution_backward`` (oneDNN)
-  compute them, and ptfast runs only the fused epilogue (ReLU, pooling, the
-  1-byte arg-max codes) and builds the conv-output gradient from the codes;
-  fastest where channel counts are large (AlexNet, VGG).
-- ``"auto"`` (the default): a measured rule chooses per call from the shapes,
-  for the forward and the backward apart (see README, "Which path serves a block").
+- ``"direct"``: ptfast's own kernels compute the convolution. On the CPU they
+  also compute its gradients and are fastest where channel counts are small
+  (the MNIST, LeNet and CIFAR blocks). On CUDA only the forward is ptfast's
+  (one thread per pooled output); the backward is the vendor one.
+- ``"vendor"``: ATen's convolution and ``convolution_backward`` (oneDNN on
+  the CPU, cuDNN on CUDA) compute them, and ptfast runs only the fused
+  epilogue (ReLU, pooling, the 1-byte arg-max codes) and builds the
+  conv-output gradient from the codes; fastest where channel counts are
+  large (AlexNet, VGG), and never slower than native by construction.
+- ``"auto"`` (the default): on the CPU a measured rule chooses per call from
+  the shapes, for the forward and the backward apart (see README, "Which path
+  serves a block"); on CUDA the vendor path serves every call until a GPU
+  measurement shows where the direct forward wins.
 
 Both paths save the same tensors for backward and agree with native PyTorch
-as closely as each other. The environment variable ``PTFAST_CPU_CONV_BLOCK``
-sets the initial value::
+as closely as each other. The environment variables ``PTFAST_CPU_CONV_BLOCK``
+and ``PTFAST_CUDA_CONV_BLOCK`` set the initial values::
 
     ptfast.backends.cpu.conv_block = "vendor"
-    with ptfast.backends.cpu.flags(conv_block="direct"):
+    with ptfast.backends.cuda.flags(conv_block="direct"):
         ...
 """
 
@@ -34,25 +40,37 @@ from torch import Tensor
 from ptfast import _C
 from ptfast.functional import IntOrPair, block_arguments
 
-__all__ = ["cpu"]
+__all__ = ["cpu", "cuda"]
 
 ConvBlock = Literal["auto", "direct", "vendor"]
 
-_ENVIRONMENT_VARIABLE = "PTFAST_CPU_CONV_BLOCK"
 _PATH_NAMES = {1: "direct", 2: "vendor"}
 
 
-class _CpuBackend:
-    """``ptfast.backends.cpu``: settings of the CPU kernels."""
+class _Backend:
+    """``ptfast.backends.cpu`` or ``ptfast.backends.cuda``: settings of one device's kernels."""
+
+    def __init__(self, device: Literal["cpu", "cuda"]) -> None:
+        self._device = device
+        self._path_op = getattr(torch.ops.ptfast, f"_conv2d_relu_max_pool2d_{device}_path")
+        environment_variable = f"PTFAST_{device.upper()}_CONV_BLOCK"
+        if environment_variable in os.environ:
+            try:
+                self.conv_block = os.environ[environment_variable]  # type: ignore[assignment]
+            except ValueError:
+                raise ValueError(
+                    f"ptfast: the environment variable {environment_variable} must be 'auto', 'direct' or "
+                    f"'vendor', got {os.environ[environment_variable]!r}"
+                ) from None
 
     @property
     def conv_block(self) -> ConvBlock:
-        """Which path serves the fused block on the CPU: 'auto', 'direct' or 'vendor'."""
-        return _C._get_cpu_conv_block()
+        """Which path serves the fused block on this device: 'auto', 'direct' or 'vendor'."""
+        return _C._get_conv_block(self._device)
 
     @conv_block.setter
     def conv_block(self, value: ConvBlock) -> None:
-        _C._set_cpu_conv_block(value)
+        _C._set_conv_block(self._device, value)
 
     @contextlib.contextmanager
     def flags(self, conv_block: ConvBlock) -> Iterator[None]:
@@ -78,8 +96,8 @@ class _CpuBackend:
         ceil_mode: bool = False,
         backward: bool = False,
     ) -> Literal["direct", "vendor"]:
-        """The path a CPU call of ``ptfast.conv2d_relu_max_pool2d`` with these
-        arguments takes now: its forward, or with ``backward=True`` its backward.
+        """The path a call of ``ptfast.conv2d_relu_max_pool2d`` on this device with
+        these arguments takes now: its forward, or with ``backward=True`` its backward.
 
         Shapes: input (N, C_in, H, W) or (C_in, H, W), weight (C_out, C_in / groups, kH, kW);
         arguments as ptfast.conv2d_relu_max_pool2d takes them. Only the shapes are
@@ -88,17 +106,9 @@ class _CpuBackend:
         input, arguments = block_arguments(
             input, weight, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
         )
-        path = torch.ops.ptfast._conv2d_relu_max_pool2d_cpu_path(input, weight, *arguments, backward)
+        path = self._path_op(input, weight, *arguments, backward)
         return _PATH_NAMES[path]
 
 
-cpu = _CpuBackend()
-
-if _ENVIRONMENT_VARIABLE in os.environ:
-    try:
-        cpu.conv_block = os.environ[_ENVIRONMENT_VARIABLE]
-    except ValueError:
-        raise ValueError(
-            f"ptfast: the environment variable {_ENVIRONMENT_VARIABLE} must be 'auto', 'direct' or "
-            f"'vendor', got {os.environ[_ENVIRONMENT_VARIABLE]!r}"
-        ) from None
+cpu = _Backend("cpu")
+cuda = _Backend("cuda")

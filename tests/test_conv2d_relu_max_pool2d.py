@@ -8,87 +8,29 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ptfast
-from common_utils import DEVICES, assert_block_matches_native, block_inputs, make_data, native_block
-from ptfast._shapes import conv_output_size, pool_output_size
+from common_utils import (
+    DEVICES,
+    GRID,
+    block_inputs,
+    assert_block_matches_native,
+    block_configs,
+    grid_inputs,
+    make_data,
+    native_block,
+)
 
 # The whole module runs on both CPU paths of the fused block, direct and vendor.
 pytestmark = pytest.mark.usefixtures("conv_block")
 
-BASE = dict(n=2, c=3, oc=4, h=10, w=9, kernel=3, groups=1, bias=True)
-
-# (id, shape overrides, op keyword arguments)
-GRID = [
-    ("mnist_block1", dict(n=3, c=1, oc=10, h=28, w=28, kernel=5), {}),
-    ("mnist_block2", dict(n=3, c=10, oc=20, h=12, w=12, kernel=5), {}),
-    ("batch0", dict(n=0), {}),
-    ("batch1", dict(n=1), {}),
-    ("batch_odd", dict(n=5), {}),
-    ("one_input_channel", dict(c=1), {}),
-    *[(f"kernel{k}", dict(kernel=k, h=14, w=13), {}) for k in range(1, 8)],
-    ("kernel_non_square", dict(kernel=(3, 5)), {}),
-    ("kernel_non_square_tall", dict(kernel=(5, 2), h=13), {}),
-    ("stride2", {}, dict(stride=2, pool_kernel_size=2)),
-    ("stride_1x2", dict(h=12, w=15), dict(stride=(1, 2))),
-    ("stride_2x1", dict(h=15, w=12), dict(stride=(2, 1))),
-    ("stride3_pool1", dict(h=16, w=16), dict(stride=3, pool_kernel_size=1)),
-    ("padding1", {}, dict(padding=1)),
-    ("padding_2x0", {}, dict(padding=(2, 0))),
-    ("padding_same_odd_kernel", {}, dict(padding="same")),
-    ("padding_same_even_kernel", dict(kernel=(4, 2)), dict(padding="same")),
-    ("padding_same_dilated", dict(kernel=2), dict(padding="same", dilation=(3, 2))),
-    ("padding_valid", {}, dict(padding="valid")),
-    ("dilation2", dict(h=13, w=12), dict(dilation=2)),
-    ("dilation_1x3", dict(h=11, w=14), dict(dilation=(1, 3))),
-    ("dilation_padding_stride", dict(h=15, w=16), dict(dilation=2, padding=2, stride=2)),
-    ("groups2", dict(c=4, oc=6, groups=2), {}),
-    ("groups3_depthwise", dict(c=3, oc=3, groups=3), {}),
-    ("groups_many_channels", dict(c=6, oc=12, groups=3), dict(padding=1)),
-    ("wide_channel_block", dict(c=2, oc=19), {}),
-    ("pool_kernel1", {}, dict(pool_kernel_size=1)),
-    ("pool_kernel3", dict(h=14, w=14), dict(pool_kernel_size=3)),
-    ("pool_kernel_2x3", dict(h=13, w=14), dict(pool_kernel_size=(2, 3))),
-    ("pool_stride1_overlapping", {}, dict(pool_kernel_size=3, pool_stride=1)),
-    ("pool_stride_1x2", {}, dict(pool_kernel_size=2, pool_stride=(1, 2))),
-    ("pool_stride3", dict(h=16, w=17), dict(pool_kernel_size=2, pool_stride=3)),
-    ("pool_stride_gt_kernel", dict(h=16, w=16), dict(pool_kernel_size=2, pool_stride=4)),
-    ("pool_padding1", {}, dict(pool_kernel_size=3, pool_padding=1)),
-    ("pool_padding_1x0", {}, dict(pool_kernel_size=(2, 3), pool_padding=(1, 0))),
-    ("pool_padding_stride1", {}, dict(pool_kernel_size=3, pool_stride=1, pool_padding=1)),
-    ("ceil_mode", dict(h=11, w=13), dict(ceil_mode=True)),
-    ("ceil_mode_padding", dict(h=12, w=11), dict(pool_kernel_size=3, pool_stride=2, pool_padding=1, ceil_mode=True)),
-    ("ceil_mode_stride3", dict(h=14, w=15), dict(pool_kernel_size=2, pool_stride=3, ceil_mode=True)),
-    ("odd_spatial", dict(h=13, w=11), {}),
-    ("tiny_spatial", dict(h=3, w=3, kernel=2), {}),
-    ("no_bias", dict(bias=False), {}),
-    # Pooled rows longer than a vector (several chunks a row on AVX-512, in
-    # both dtypes); the stride-3 rows span too many columns for a chunk's
-    # two-vector load and take gathers.
-    ("wide_rows", dict(h=9, w=70), {}),
-    ("wide_rows_pool3_padding_ceil", dict(h=9, w=69), dict(pool_kernel_size=3, pool_padding=1, ceil_mode=True)),
-    ("wide_rows_pool3_overlapping", dict(h=8, w=41), dict(pool_kernel_size=3, pool_stride=1)),
-    ("wide_rows_pool_stride3", dict(h=8, w=100), dict(pool_kernel_size=2, pool_stride=3)),
-    ("large_window_int32_codes", dict(h=20, w=20, kernel=1), dict(pool_kernel_size=16)),
-    ("all_options", dict(n=3, c=4, oc=6, h=17, w=15, kernel=(3, 2), groups=2),
-     dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), pool_kernel_size=(3, 2), pool_stride=(2, 1),
-          pool_padding=(1, 1), ceil_mode=True)),
-]
-
-
-def _inputs(shape_overrides, dtype, seed=0, device="cpu"):
-    cfg = {**BASE, **shape_overrides}
-    return block_inputs(cfg["n"], cfg["c"], cfg["oc"], cfg["h"], cfg["w"], cfg["kernel"], cfg["groups"],
-                        cfg["bias"], dtype, seed, device)
-
-
 @pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
 def test_matches_native(shape, kwargs, dtype, device):
-    x, w, b = _inputs(shape, dtype, device=device)
+    x, w, b = grid_inputs(shape, dtype, device=device)
     assert_block_matches_native(x, w, b, {**kwargs, "groups": shape.get("groups", 1)})
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
 def test_non_contiguous_input(layout, dtype, device):
-    x, w, b = _inputs(dict(h=12, w=12), dtype, device=device)
+    x, w, b = grid_inputs(dict(h=12, w=12), dtype, device=device)
     with torch.no_grad():
         if layout == "channels_last":
             view = x.contiguous(memory_format=torch.channels_last)
@@ -102,48 +44,25 @@ def test_non_contiguous_input(layout, dtype, device):
 
 
 def test_non_contiguous_weight(dtype):
-    x, w, b = _inputs({}, dtype)
+    x, w, b = grid_inputs({}, dtype)
     w_t = w.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
     assert not w_t.is_contiguous()
     assert_block_matches_native(x, w_t, b, {})
 
 
 def test_only_some_inputs_need_grad(dtype):
-    x, w, b = _inputs({}, dtype)
+    x, w, b = grid_inputs({}, dtype)
     assert_block_matches_native(x.detach(), w, b.detach(), {})
     assert_block_matches_native(x, w.detach(), None, {})
     assert_block_matches_native(x.detach(), w.detach(), b, {})
 
 
 def test_unbatched_input(dtype):
-    x, w, b = _inputs(dict(n=1), dtype)
+    x, w, b = grid_inputs(dict(n=1), dtype)
     x3 = x.detach()[0].requires_grad_()
     out = ptfast.conv2d_relu_max_pool2d(x3, w, b, padding=1)
     assert out.dim() == 3
     assert_block_matches_native(x3, w, b, dict(padding=1))
-
-
-@st.composite
-def block_configs(draw):
-    groups = draw(st.integers(1, 3))
-    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-    pool_kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    pool_stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    pool_padding = (draw(st.integers(0, pool_kernel[0] // 2)), draw(st.integers(0, pool_kernel[1] // 2)))
-    ceil_mode = draw(st.booleans())
-    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 48))
-    conv = [conv_output_size(s, k, st_, p, d) for s, k, st_, p, d in zip((h, w), kernel, stride, padding, dilation)]
-    assume(min(conv) >= 1)
-    pooled = [pool_output_size(s, k, st_, p, ceil_mode) for s, k, st_, p in zip(conv, pool_kernel, pool_stride, pool_padding)]
-    assume(min(pooled) >= 1)
-    shape = dict(n=draw(st.integers(0, 3)), c=groups * draw(st.integers(1, 3)), oc=groups * draw(st.integers(1, 4)),
-                 h=h, w=w, kernel=kernel, groups=groups, bias=draw(st.booleans()))
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, pool_kernel_size=pool_kernel,
-                  pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode)
-    return shape, kwargs, draw(st.integers(0, 2**31 - 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,7 +70,7 @@ def block_configs(draw):
 @given(config=block_configs(), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_random_configurations(config, dtype, device):
     shape, kwargs, seed = config
-    x, w, b = _inputs(shape, dtype, seed, device)
+    x, w, b = grid_inputs(shape, dtype, seed, device)
     assert_block_matches_native(x, w, b, kwargs, seed=seed)
 
 

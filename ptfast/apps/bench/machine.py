@@ -29,6 +29,9 @@ class Machine:
     threads: int  # torch.get_num_threads() during the run
     gpu: str | None  # name of CUDA device 0 when CUDA was benchmarked
     cuda_version: str | None
+    # torch.backends.cudnn.allow_tf32 when CUDA was benchmarked: cuDNN's convolutions in TF32, native's
+    # and ptfast's vendor path's alike (the direct CUDA forward computes in full float32)
+    cudnn_tf32: bool | None
     torch_version: str
     ptfast_version: str
     python_version: str
@@ -41,7 +44,8 @@ class Machine:
         """One line for table headers, e.g. "Intel Xeon Processor (AVX512, 2 threads), torch 2.14.1"."""
         text = f"{self.cpu_model} ({self.cpu_capability}, {self._threads_text()})"
         if self.gpu:
-            text += f", {self.gpu} (CUDA {self.cuda_version})"
+            tf32 = "TF32" if self.cudnn_tf32 else "no TF32"
+            text += f", {self.gpu} (CUDA {self.cuda_version}, cuDNN convolutions with {tf32})"
         return f"{text}, torch {self.torch_version}"
 
     def _threads_text(self) -> str:
@@ -88,6 +92,7 @@ def describe_machine(gpu: bool) -> Machine:
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if gpu else None,
         cuda_version=torch.version.cuda if gpu else None,
+        cudnn_tf32=torch.backends.cudnn.allow_tf32 if gpu else None,
         torch_version=torch.__version__,
         ptfast_version=ptfast.__version__,
         python_version=platform.python_version(),

@@ -167,7 +167,9 @@ def markdown_report(
         f"- CPU: {machine['cpu_model']}, torch CPU capability {machine['cpu_capability']}, "
         f"flags {', '.join(machine['cpu_flags']) or '-'}, {machine['threads']} threads "
         f"of {machine['logical_cpus']} logical CPUs",
-        f"- GPU: {machine['gpu'] or 'none'}" + (f" (CUDA {machine['cuda_version']})" if machine["gpu"] else ""),
+        f"- GPU: {machine['gpu'] or 'none'}" + (f" (CUDA {machine['cuda_version']}, cuDNN convolutions "
+                                                 f"{'in TF32' if machine.get('cudnn_tf32') else 'in full float32'})"
+                                                 if machine["gpu"] else ""),
         f"- torch {machine['torch_version']}, ptfast {machine['ptfast_version']}, "
         f"Python {machine['python_version']}, {machine['os']}",
         f"- Set `{document['selection']}`, {document['dtype']}, torch.compile backend "

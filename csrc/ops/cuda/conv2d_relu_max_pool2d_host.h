@@ -1,0 +1,242 @@
+// The host side of the CUDA fused conv2d -> ReLU -> max_pool2d operator:
+// checks, path choice, layouts, ATen's convolution and convolution_backward,
+// and which kernel runs over how many items. Written once as templates over
+// a `Launch` policy, so the CPU emulation (csrc/ops/cpu/cuda_emulation/)
+// runs this very code with the kernel bodies executed on the CPU, and the
+// .cu with them launched on the GPU. A Launch is constructed from the call's
+// input after the argument checks (the GPU one holds the device guard) and
+// provides
+//   template <scalar_t, code_t, index_t> void epilogue(args, items) const;
+//   template <scalar_t, code_t, index_t> void conv_gradient(args, items) const;
+//   template <scalar_t, code_t, index_t> void direct_forward(args, items) const;
+#pragma once
+
+#include "ops/conv2d_relu_max_pool2d.h"
+#include "ops/cuda/conv2d_relu_max_pool2d_bodies.h"
+#include "ops/cuda/conv2d_relu_max_pool2d_path.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace ptfast::cuda::conv_block {
+
+// The direct kernel indexes NCHW; the vendor path reads and writes by
+// strides, so a channels-last call reaches cuDNN without a copy.
+inline ops::KernelLayout kernel_layout(ConvBlockPath path) {
+  return path == ConvBlockPath::kVendor ? ops::KernelLayout::kNative
+                                        : ops::KernelLayout::kContiguous;
+}
+
+// Runs fn(index_t{}) with int32_t when every tensor of the call has fewer
+// than 2^31 elements (each offset then fits), int64_t otherwise.
+template <typename Fn>
+void dispatch_index_type(std::initializer_list<int64_t> numels, const Fn& fn) {
+  int64_t largest = 0;
+  for (const int64_t numel : numels) {
+    largest = std::max(largest, numel);
+  }
+  if (largest <= std::numeric_limits<int32_t>::max()) {
+    fn(int32_t{});
+  } else {
+    fn(int64_t{});
+  }
+}
+
+template <typename index_t>
+Strides<index_t> strides_of(const at::Tensor& t) {
+  return {
+      static_cast<index_t>(t.stride(0)), static_cast<index_t>(t.stride(1)),
+      static_cast<index_t>(t.stride(2)), static_cast<index_t>(t.stride(3))};
+}
+
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      !t.is_contiguous(at::MemoryFormat::Contiguous);
+}
+
+template <typename Launch>
+void vendor_forward(const ops::ForwardTensors& t, const Launch& launch) {
+  const auto& p = t.params;
+  const auto& s = t.shape;
+  // Scratch, freed on return; in native's memory format (cuDNN's choice for
+  // these input and weight strides), which the epilogue reads as it is.
+  const at::Tensor conv = at::convolution(
+      t.input, t.weight, t.bias, p.stride, p.padding, p.dilation,
+      /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.input.scalar_type(),
+      "conv2d_relu_max_pool2d_epilogue_cuda", [&] {
+        ops::dispatch_code_type(
+            ops::argmax_code_dtype(p), [&](auto code) {
+              using code_t = decltype(code);
+              dispatch_index_type({conv.numel()}, [&](auto index) {
+                using index_t = decltype(index);
+                const EpilogueArgs<scalar_t, code_t, index_t> args{
+                    conv.const_data_ptr<scalar_t>(),
+                    strides_of<index_t>(conv),
+                    t.output.mutable_data_ptr<scalar_t>(),
+                    strides_of<index_t>(t.output),
+                    t.codes.defined() ? t.codes.mutable_data_ptr<code_t>()
+                                      : nullptr,
+                    t.codes.defined() ? strides_of<index_t>(t.codes)
+                                      : Strides<index_t>{},
+                    static_cast<index_t>(s.out_channels),
+                    static_cast<index_t>(s.conv_h),
+                    static_cast<index_t>(s.conv_w),
+                    make_pool<index_t>(ops::pool_geometry(s, p)),
+                    is_channels_last(t.output)};
+                launch.template epilogue<scalar_t, code_t, index_t>(
+                    args, static_cast<index_t>(t.output.numel()));
+              });
+            });
+      });
+}
+
+template <typename Launch>
+void direct_forward(const ops::ForwardTensors& t, const Launch& launch) {
+  const auto& p = t.params;
+  const auto& s = t.shape;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.input.scalar_type(),
+      "conv2d_relu_max_pool2d_direct_cuda", [&] {
+        ops::dispatch_code_type(
+            ops::argmax_code_dtype(p), [&](auto code) {
+              using code_t = decltype(code);
+              dispatch_index_type(
+                  {t.input.numel(), t.output.numel(), t.weight.numel()},
+                  [&](auto index) {
+                    using index_t = decltype(index);
+                    const auto i = [](int64_t v) {
+                      return static_cast<index_t>(v);
+                    };
+                    const DirectForwardArgs<scalar_t, code_t, index_t> args{
+                        t.input.const_data_ptr<scalar_t>(),
+                        t.weight.const_data_ptr<scalar_t>(),
+                        t.bias.defined() ? t.bias.const_data_ptr<scalar_t>()
+                                         : nullptr,
+                        t.output.mutable_data_ptr<scalar_t>(),
+                        t.codes.defined() ? t.codes.mutable_data_ptr<code_t>()
+                                          : nullptr,
+                        i(s.in_channels), i(s.in_h), i(s.in_w),
+                        i(s.out_channels), i(s.in_channels_per_group(p)),
+                        i(s.out_channels_per_group(p)), i(s.kernel_h),
+                        i(s.kernel_w), i(s.conv_h), i(s.conv_w),
+                        i(p.stride[0]), i(p.stride[1]), i(p.padding[0]),
+                        i(p.padding[1]), i(p.dilation[0]), i(p.dilation[1]),
+                        make_pool<index_t>(ops::pool_geometry(s, p))};
+                    launch.template direct_forward<scalar_t, code_t, index_t>(
+                        args, static_cast<index_t>(t.output.numel()));
+                  });
+            });
+      });
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode, bool with_codes) {
+  ConvBlockPath path = ConvBlockPath::kVendor;
+  const ops::ForwardTensors t = ops::prepare_forward(
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode, with_codes,
+      [&](const ops::Conv2dReluMaxPool2dShape& s,
+          const ops::Conv2dReluMaxPool2dParams& p) {
+        path = choose_path(s, p, ConvBlockPass::kForward);
+        return kernel_layout(path);
+      });
+  if (t.output.numel() == 0) {
+    return ops::forward_result(t);
+  }
+  const Launch launch(t.input);
+  if (path == ConvBlockPath::kVendor) {
+    vendor_forward(t, launch);
+  } else {
+    direct_forward(t, launch);
+  }
+  return ops::forward_result(t);
+}
+
+// The backward of both paths: the dense conv-output gradient the native
+// composite forms (each pooled gradient at its window's arg-max, zero
+// elsewhere and where ReLU blocked the window), then ATen's
+// convolution_backward (cuDNN) for exactly the gradients asked for. A conv
+// output without gradient meets the input and weight there as a 0, so
+// NaN and inf propagate as in native torch.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& codes, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode,
+    std::array<bool, 3> output_mask) {
+  ops::BackwardTensors t = ops::prepare_backward(
+      grad_output, input, weight, codes, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, ceil_mode, output_mask,
+      [&](const ops::Conv2dReluMaxPool2dShape& s,
+          const ops::Conv2dReluMaxPool2dParams& p) {
+        return kernel_layout(choose_path(s, p, ConvBlockPass::kBackward));
+      });
+  const auto& s = t.shape;
+  const auto& p = t.params;
+  if (s.batch == 0) {
+    for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
+      if (grad->defined()) {
+        grad->zero_();
+      }
+    }
+    return ops::backward_result(t);
+  }
+  const Launch launch(t.input);
+  const std::array<int64_t, 4> conv_sizes{
+      s.batch, s.out_channels, s.conv_h, s.conv_w};
+  const at::Tensor grad_conv = at::empty(
+      conv_sizes, t.grad_output.options().memory_format(t.memory_format));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.grad_output.scalar_type(),
+      "conv2d_relu_max_pool2d_conv_gradient_cuda", [&] {
+        ops::dispatch_code_type(t.codes.scalar_type(), [&](auto code) {
+          using code_t = decltype(code);
+          dispatch_index_type({grad_conv.numel()}, [&](auto index) {
+            using index_t = decltype(index);
+            const ConvGradientArgs<scalar_t, code_t, index_t> args{
+                t.grad_output.const_data_ptr<scalar_t>(),
+                strides_of<index_t>(t.grad_output),
+                t.codes.const_data_ptr<code_t>(),
+                strides_of<index_t>(t.codes),
+                grad_conv.mutable_data_ptr<scalar_t>(),
+                strides_of<index_t>(grad_conv),
+                static_cast<index_t>(s.out_channels),
+                static_cast<index_t>(s.conv_h),
+                static_cast<index_t>(s.conv_w),
+                make_pool<index_t>(ops::pool_geometry(s, p)),
+                is_channels_last(grad_conv)};
+            launch.template conv_gradient<scalar_t, code_t, index_t>(
+                args, static_cast<index_t>(grad_conv.numel()));
+          });
+        });
+      });
+  const std::array<int64_t, 1> bias_sizes{s.out_channels};
+  // convolution_backward returns its gradients in native's memory format.
+  return at::convolution_backward(
+      grad_conv, t.input, t.weight,
+      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes)
+                     : at::OptionalIntArrayRef(),
+      p.stride, p.padding, p.dilation, /*transposed=*/false,
+      /*output_padding=*/{0, 0}, p.groups, output_mask);
+}
+
+}  // namespace ptfast::cuda::conv_block
