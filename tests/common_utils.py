@@ -120,6 +120,8 @@ GRID = [
     ("wide_channel_block", dict(c=2, oc=19), {}),
     ("pool_kernel1", {}, dict(pool_kernel_size=1)),
     ("pool_kernel3", dict(h=14, w=14), dict(pool_kernel_size=3)),
+    ("pool_kernel3_kernel5", dict(h=16, w=15, kernel=5), dict(pool_kernel_size=3, pool_stride=2)),
+    ("pool_kernel3_kernel_2x3", dict(h=14, w=14, kernel=(2, 3)), dict(pool_kernel_size=3, pool_stride=2, pool_padding=1)),
     ("pool_kernel_2x3", dict(h=13, w=14), dict(pool_kernel_size=(2, 3))),
     ("pool_stride1_overlapping", {}, dict(pool_kernel_size=3, pool_stride=1)),
     ("pool_stride_1x2", {}, dict(pool_kernel_size=2, pool_stride=(1, 2))),

@@ -79,6 +79,27 @@ def test_grid_matches_native(shape, kwargs, dtype, cuda_path):
     assert_block_matches_native(x, w, b, {**kwargs, "groups": shape.get("groups", 1)}, block=emulated_block)
 
 
+def _direct_kernel(shape: dict, kwargs: dict, dtype: torch.dtype = torch.float32) -> str:
+    x, w, _ = grid_inputs(shape, dtype)
+    batched, arguments = block_arguments(x, w, **{"stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                                                  "pool_kernel_size": 2, "pool_stride": None, "pool_padding": 0,
+                                                  "ceil_mode": False, **kwargs, "groups": shape.get("groups", 1)})
+    return ops._cuda_conv2d_relu_max_pool2d_direct_kernel(batched, w, *arguments)
+
+
+def test_grid_covers_every_direct_kernel():
+    """The tiled kernel's compile-time sizes (2x2/3x3 pooling; 5x5, 3x3 or run-time conv kernels), tiles in
+    both directions and partial channel blocks, and the per-output kernel for every other window."""
+    covered = {_direct_kernel(shape, kwargs) for _, shape, kwargs in GRID if shape.get("n", 2) > 0}
+    expected = {f"tiled pool {p}x{p} kernel {k}x{k}" for p in (2, 3) for k in (5, 3, 0)} | {"per output"}
+    assert expected - covered == set()
+    # More tiles than one along each axis: MNIST's block 1 (12 x 12 pooled) and the wide rows (3 x 34).
+    assert _direct_kernel(dict(n=3, c=1, oc=10, h=28, w=28, kernel=5), {}) == "tiled pool 2x2 kernel 5x5"
+    # A staged input larger than 48 KB of shared memory takes the per-output kernel.
+    assert _direct_kernel(dict(n=1, c=1, oc=1, h=200, w=200, kernel=1), dict(stride=6, pool_kernel_size=3),
+                          torch.float64) == "per output"
+
+
 @settings(max_examples=60, deadline=None)
 @given(config=block_configs(), dtype=st.sampled_from([torch.float64, torch.float32]),
        path=st.sampled_from(["direct", "vendor"]))
@@ -89,8 +110,9 @@ def test_random_configurations(config, dtype, path):
         assert_block_matches_native(x, w, b, kwargs, seed=seed, block=emulated_block)
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(pool_kernel_size=3, pool_stride=2, pool_padding=1, ceil_mode=True)],
-                         ids=["pool2", "pool3_overlapping"])
+@pytest.mark.parametrize("kwargs", [{}, dict(pool_kernel_size=3, pool_stride=2, pool_padding=1, ceil_mode=True),
+                                    dict(pool_kernel_size=(2, 3))],
+                         ids=["pool2", "pool3_overlapping", "pool2x3_per_output"])
 def test_codes_are_the_cpu_backends(kwargs, cuda_path):
     """The 1-byte arg-max codes mean the same on every backend: a forward on one may meet a backward on another."""
     x, w, b = block_inputs(3, 4, 6, 15, 14, 3, 1, True, torch.float32)

@@ -5,7 +5,7 @@
 // index, bound and code convention here is checked on every CI run
 // (launch.h says why).
 //
-// Three kernels:
+// Four kernels:
 //   epilogue       one item per pooled output: ReLU + max pooling of the
 //                  vendor path's conv output, writing the pooled value and
 //                  its 1-byte arg-max code;
@@ -14,7 +14,10 @@
 //                  pooled gradients whose codes point at it (no atomics; the
 //                  sum in pooled row-major order, max_pool2d's own order);
 //   direct_forward one item per pooled output: the direct path's forward,
-//                  which computes the window's conv values itself.
+//                  which computes the window's conv values itself;
+//   direct_forward_tiled  the direct forward for 2x2 and 3x3 pooling, a
+//                  block per tile of pooled outputs with its input and
+//                  weights staged in shared memory (three phases, below).
 // Items run in the memory order of the tensor they write (NCHW or
 // channels-last), so neighbouring threads write neighbouring addresses.
 // Index arithmetic runs in index_t: int32_t whenever every tensor of the
@@ -321,6 +324,222 @@ C10_HOST_DEVICE inline void direct_forward_item(
   write_pooled(
       best, wh, ww, g.kernel_w, a.output + item,
       a.codes == nullptr ? static_cast<code_t*>(nullptr) : a.codes + item);
+}
+
+// ---------------------------------------------------------------------------
+// direct_forward_tiled: the direct path for 2x2 and 3x3 pooling windows. A
+// block computes a tile of pooled outputs (one thread each) for
+// kTiledChannels output channels of one group of one image. Per input
+// channel of the group, the block first stages in shared memory the input
+// rows and columns its windows read (zero outside the image: the padding
+// taps multiply a 0, as in direct_conv_at) and the channels' weights for
+// that input channel (phase 1), then every thread adds that channel's
+// products to the conv values of its window, for all kTiledChannels
+// channels at once (phase 2): an input value is read from global memory
+// once per block rather than once per tap, window and channel. After the
+// last input channel each thread pools its windows (phase 3). The sums run
+// in direct_conv_at's order (bias, then channel, row, column), so both
+// direct kernels give the same bits.
+
+constexpr int kTiledChannels = 4;
+constexpr int kTiledMaxThreads = 128;
+
+template <typename scalar_t, typename index_t>
+struct TiledForwardArgs {
+  DirectForwardArgs<scalar_t, uint8_t, index_t> d;  // 2x2/3x3: uint8 codes
+  index_t groups;
+  index_t tile_h, tile_w;       // pooled outputs of a block (threads: product)
+  index_t tiles_h, tiles_w;     // tiles of a pooled plane
+  index_t channel_blocks;       // blocks of kTiledChannels per group
+  index_t input_rows, input_cols;  // the staged input of one channel
+};
+
+// Where a block's tile sits.
+template <typename index_t>
+struct Tile {
+  index_t n, group, first_channel, channels;  // channels: valid, <= kTiledChannels
+  index_t ph0, pw0;  // first pooled output
+  index_t ih0, iw0;  // input position of the staged tile's (0, 0)
+};
+
+template <typename scalar_t, typename index_t>
+C10_HOST_DEVICE inline Tile<index_t> tile_of_block(
+    const TiledForwardArgs<scalar_t, index_t>& a, int64_t block) {
+  const auto& d = a.d;
+  Tile<index_t> t{};
+  index_t rest = static_cast<index_t>(block);
+  const index_t tile_x = rest % a.tiles_w;
+  rest /= a.tiles_w;
+  const index_t tile_y = rest % a.tiles_h;
+  rest /= a.tiles_h;
+  const index_t channel_block = rest % a.channel_blocks;
+  rest /= a.channel_blocks;
+  t.group = rest % a.groups;
+  t.n = rest / a.groups;
+  const index_t in_group_channel = channel_block * kTiledChannels;
+  t.first_channel = t.group * d.out_group + in_group_channel;
+  const index_t left = d.out_group - in_group_channel;
+  t.channels = left < kTiledChannels ? left : index_t(kTiledChannels);
+  t.ph0 = tile_y * a.tile_h;
+  t.pw0 = tile_x * a.tile_w;
+  t.ih0 = (t.ph0 * d.pool.stride_h - d.pool.padding_h) * d.stride_h - d.padding_h;
+  t.iw0 = (t.pw0 * d.pool.stride_w - d.pool.padding_w) * d.stride_w - d.padding_w;
+  return t;
+}
+
+// A thread's conv values: [channel][dy * PKW + dx] of its pooling window.
+template <typename acc_t, int PKH, int PKW>
+struct TiledSums {
+  acc_t conv[kTiledChannels][PKH * PKW];
+};
+
+template <typename scalar_t, typename index_t, typename acc_t, int PKH, int PKW>
+C10_HOST_DEVICE inline void start_tile(
+    const TiledForwardArgs<scalar_t, index_t>& a, const Tile<index_t>& t,
+    TiledSums<acc_t, PKH, PKW>& sums) {
+  PTFAST_UNROLL
+  for (int ch = 0; ch < kTiledChannels; ++ch) {
+    const acc_t bias = a.d.bias != nullptr && ch < t.channels
+        ? static_cast<acc_t>(a.d.bias[t.first_channel + ch])
+        : acc_t(0);
+    PTFAST_UNROLL
+    for (int k = 0; k < PKH * PKW; ++k) {
+      sums.conv[ch][k] = bias;
+    }
+  }
+}
+
+// Phase 1 for input channel `c` of the group: this thread's share of the
+// staging.
+template <typename scalar_t, typename index_t, typename acc_t>
+C10_HOST_DEVICE inline void stage_input_channel(
+    const TiledForwardArgs<scalar_t, index_t>& a, const Tile<index_t>& t,
+    index_t c, const ThreadIndex& thread, acc_t* tile_input,
+    acc_t* tile_weight) {
+  const auto& d = a.d;
+  const scalar_t* x = d.input +
+      ((t.n * d.in_channels + t.group * d.in_group + c) * d.in_h) * d.in_w;
+  const index_t staged = a.input_rows * a.input_cols;
+  for (index_t i = thread.thread; i < staged; i += thread.threads) {
+    const index_t ih = t.ih0 + i / a.input_cols;
+    const index_t iw = t.iw0 + i % a.input_cols;
+    tile_input[i] = ih >= 0 && ih < d.in_h && iw >= 0 && iw < d.in_w
+        ? static_cast<acc_t>(x[ih * d.in_w + iw])
+        : acc_t(0);
+  }
+  const index_t taps = d.kernel_h * d.kernel_w;
+  for (index_t i = thread.thread; i < kTiledChannels * taps;
+       i += thread.threads) {
+    const index_t ch = i / taps;
+    tile_weight[i] = ch < t.channels
+        ? static_cast<acc_t>(
+              d.weight[((t.first_channel + ch) * d.in_group + c) * taps + i % taps])
+        : acc_t(0);
+  }
+}
+
+// Phase 2: this thread's window gets the staged channel's products. KH and
+// KW are the conv kernel's size when known at compile time (5x5, 3x3), 0
+// otherwise.
+template <
+    int KH, int KW, typename scalar_t, typename index_t, typename acc_t,
+    int PKH, int PKW>
+C10_HOST_DEVICE inline void accumulate_input_channel(
+    const TiledForwardArgs<scalar_t, index_t>& a, const Tile<index_t>& t,
+    const ThreadIndex& thread, const acc_t* tile_input,
+    const acc_t* tile_weight, TiledSums<acc_t, PKH, PKW>& sums) {
+  const auto& d = a.d;
+  const index_t ph = t.ph0 + thread.thread / a.tile_w;
+  const index_t pw = t.pw0 + thread.thread % a.tile_w;
+  if (ph >= d.pool.pooled_h || pw >= d.pool.pooled_w) {
+    return;
+  }
+  const index_t kernel_h = KH > 0 ? index_t(KH) : d.kernel_h;
+  const index_t kernel_w = KW > 0 ? index_t(KW) : d.kernel_w;
+  PTFAST_UNROLL
+  for (int dy = 0; dy < PKH; ++dy) {
+    const index_t oh = ph * d.pool.stride_h - d.pool.padding_h + dy;
+    if (oh < 0 || oh >= d.conv_h) {
+      continue;
+    }
+    PTFAST_UNROLL
+    for (int dx = 0; dx < PKW; ++dx) {
+      const index_t ow = pw * d.pool.stride_w - d.pool.padding_w + dx;
+      if (ow < 0 || ow >= d.conv_w) {
+        continue;
+      }
+      const acc_t* row = tile_input +
+          (oh * d.stride_h - d.padding_h - t.ih0) * a.input_cols +
+          (ow * d.stride_w - d.padding_w - t.iw0);
+      PTFAST_UNROLL
+      for (index_t kh = 0; kh < kernel_h; ++kh) {
+        PTFAST_UNROLL
+        for (index_t kw = 0; kw < kernel_w; ++kw) {
+          const acc_t value =
+              row[kh * d.dilation_h * a.input_cols + kw * d.dilation_w];
+          const index_t tap = kh * kernel_w + kw;
+          PTFAST_UNROLL
+          for (int ch = 0; ch < kTiledChannels; ++ch) {
+            sums.conv[ch][dy * PKW + dx] +=
+                value * tile_weight[ch * kernel_h * kernel_w + tap];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Phase 3: pool this thread's windows and write them.
+template <typename scalar_t, typename index_t, typename acc_t, int PKH, int PKW>
+C10_HOST_DEVICE inline void finish_tile(
+    const TiledForwardArgs<scalar_t, index_t>& a, const Tile<index_t>& t,
+    const ThreadIndex& thread, const TiledSums<acc_t, PKH, PKW>& sums) {
+  const auto& d = a.d;
+  const Pool<index_t>& g = d.pool;
+  const index_t ph = t.ph0 + thread.thread / a.tile_w;
+  const index_t pw = t.pw0 + thread.thread % a.tile_w;
+  if (ph >= g.pooled_h || pw >= g.pooled_w) {
+    return;
+  }
+  const Window<index_t> wh =
+      pool_window(ph, g.kernel_h, g.stride_h, g.padding_h, d.conv_h);
+  const Window<index_t> ww =
+      pool_window(pw, g.kernel_w, g.stride_w, g.padding_w, d.conv_w);
+  PTFAST_UNROLL
+  for (int ch = 0; ch < kTiledChannels; ++ch) {
+    if (ch >= t.channels) {
+      break;
+    }
+    WindowMax<acc_t, index_t> best;
+    best.h = wh.begin;
+    best.w = ww.begin;
+    // Compile-time positions in the window keep the sums in registers.
+    PTFAST_UNROLL
+    for (int dy = 0; dy < PKH; ++dy) {
+      const index_t h = wh.origin + dy;
+      if (h < wh.begin || h >= wh.end) {
+        continue;
+      }
+      PTFAST_UNROLL
+      for (int dx = 0; dx < PKW; ++dx) {
+        const index_t w = ww.origin + dx;
+        if (w < ww.begin || w >= ww.end) {
+          continue;
+        }
+        // Rounded to scalar_t first, as the native conv output is.
+        best.add(
+            static_cast<acc_t>(
+                static_cast<scalar_t>(sums.conv[ch][dy * PKW + dx])),
+            h, w);
+      }
+    }
+    const index_t out =
+        ((t.n * d.out_channels + t.first_channel + ch) * g.pooled_h + ph) *
+            g.pooled_w + pw;
+    write_pooled(
+        best, wh, ww, g.kernel_w, d.output + out,
+        d.codes == nullptr ? static_cast<uint8_t*>(nullptr) : d.codes + out);
+  }
 }
 
 // A grid-stride loop: the items [0, items) this thread takes.

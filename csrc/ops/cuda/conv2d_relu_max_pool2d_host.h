@@ -9,6 +9,8 @@
 //   template <scalar_t, code_t, index_t> void epilogue(args, items) const;
 //   template <scalar_t, code_t, index_t> void conv_gradient(args, items) const;
 //   template <scalar_t, code_t, index_t> void direct_forward(args, items) const;
+//   template <scalar_t, PKH, PKW, KH, KW>
+//   void direct_forward_tiled(args, TiledLaunchShape) const;
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
@@ -26,6 +28,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <tuple>
 
 namespace ptfast::cuda::conv_block {
@@ -102,13 +106,145 @@ void vendor_forward(const ops::ForwardTensors& t, const Launch& launch) {
       });
 }
 
+// How the tiled direct forward covers a call (see direct_forward_tiled in
+// the bodies): tiles of up to kTiledMaxThreads pooled outputs, 16 wide at
+// most, one block per tile, group and kTiledChannels output channels.
+struct TiledLaunchShape {
+  int64_t tile_h, tile_w, tiles_h, tiles_w, channel_blocks;
+  int64_t input_rows, input_cols;  // the staged input of one channel
+  int64_t blocks, threads, shared_bytes;
+};
+
+// The tiled kernel serves square 2x2 and 3x3 pooling windows when every
+// tensor of the call fits 32-bit offsets and the staged input and weights
+// fit the 48 KB of shared memory every GPU gives a block without opting in;
+// the per-output kernel serves every other call.
+inline std::optional<TiledLaunchShape> tiled_launch_shape(
+    const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p, at::ScalarType dtype) {
+  constexpr int64_t kSharedBytes = 48 * 1024;
+  const int64_t pool = p.pool_kernel[0];
+  if (pool != p.pool_kernel[1] || (pool != 2 && pool != 3)) {
+    return std::nullopt;
+  }
+  const int64_t largest = std::max(
+      {s.batch * s.in_channels * s.in_h * s.in_w,
+       s.batch * s.out_channels * s.pooled_h * s.pooled_w,
+       s.out_channels * s.in_channels_per_group(p) * s.kernel_h * s.kernel_w});
+  if (largest > std::numeric_limits<int32_t>::max()) {
+    return std::nullopt;
+  }
+  TiledLaunchShape l{};
+  l.tile_w = std::min<int64_t>(s.pooled_w, 16);
+  l.tile_h = std::min<int64_t>(s.pooled_h, kTiledMaxThreads / l.tile_w);
+  l.tiles_h = (s.pooled_h + l.tile_h - 1) / l.tile_h;
+  l.tiles_w = (s.pooled_w + l.tile_w - 1) / l.tile_w;
+  l.channel_blocks =
+      (s.out_channels_per_group(p) + kTiledChannels - 1) / kTiledChannels;
+  // The conv outputs the tile's windows cover, then the input they read.
+  const int64_t conv_rows = (l.tile_h - 1) * p.pool_stride[0] + pool;
+  const int64_t conv_cols = (l.tile_w - 1) * p.pool_stride[1] + pool;
+  l.input_rows =
+      (conv_rows - 1) * p.stride[0] + (s.kernel_h - 1) * p.dilation[0] + 1;
+  l.input_cols =
+      (conv_cols - 1) * p.stride[1] + (s.kernel_w - 1) * p.dilation[1] + 1;
+  const int64_t acc_size = dtype == at::kDouble ? 8 : 4;  // opmath_type
+  l.shared_bytes = acc_size *
+      (l.input_rows * l.input_cols +
+       kTiledChannels * s.kernel_h * s.kernel_w);
+  l.blocks = s.batch * p.groups * l.channel_blocks * l.tiles_h * l.tiles_w;
+  l.threads = l.tile_h * l.tile_w;
+  if (l.shared_bytes > kSharedBytes ||
+      l.blocks > std::numeric_limits<int32_t>::max()) {
+    return std::nullopt;
+  }
+  return l;
+}
+
+// Runs fn(pool, kernel) with the tiled kernel's compile-time sizes as
+// std::integral_constant: the square pooling window (2 or 3) and the
+// square conv kernel when it is 5x5 or 3x3 (0: read at run time).
+template <typename Fn>
+void dispatch_tiled_sizes(
+    int64_t pool, int64_t kernel_h, int64_t kernel_w, const Fn& fn) {
+  const auto with_pool = [&](auto pool_size) {
+    if (kernel_h == 5 && kernel_w == 5) {
+      fn(pool_size, std::integral_constant<int, 5>{});
+    } else if (kernel_h == 3 && kernel_w == 3) {
+      fn(pool_size, std::integral_constant<int, 3>{});
+    } else {
+      fn(pool_size, std::integral_constant<int, 0>{});
+    }
+  };
+  if (pool == 2) {
+    with_pool(std::integral_constant<int, 2>{});
+  } else {
+    with_pool(std::integral_constant<int, 3>{});
+  }
+}
+
+// The direct forward kernel a call runs, named for the tests: "tiled
+// pool PxP kernel KxK" (K = 0: run-time size) or "per output".
+inline std::string direct_forward_kernel_name(
+    const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p, at::ScalarType dtype) {
+  if (!tiled_launch_shape(s, p, dtype)) {
+    return "per output";
+  }
+  std::string name;
+  dispatch_tiled_sizes(
+      p.pool_kernel[0], s.kernel_h, s.kernel_w, [&](auto pool, auto kernel) {
+        name = "tiled pool " + std::to_string(pool()) + "x" +
+            std::to_string(pool()) + " kernel " + std::to_string(kernel()) +
+            "x" + std::to_string(kernel());
+      });
+  return name;
+}
+
+template <typename scalar_t, typename code_t, typename index_t>
+DirectForwardArgs<scalar_t, code_t, index_t> make_direct_forward_args(
+    const ops::ForwardTensors& t) {
+  const auto& p = t.params;
+  const auto& s = t.shape;
+  const auto i = [](int64_t v) { return static_cast<index_t>(v); };
+  return {
+      t.input.const_data_ptr<scalar_t>(),
+      t.weight.const_data_ptr<scalar_t>(),
+      t.bias.defined() ? t.bias.const_data_ptr<scalar_t>() : nullptr,
+      t.output.mutable_data_ptr<scalar_t>(),
+      t.codes.defined() ? t.codes.mutable_data_ptr<code_t>() : nullptr,
+      i(s.in_channels), i(s.in_h), i(s.in_w), i(s.out_channels),
+      i(s.in_channels_per_group(p)), i(s.out_channels_per_group(p)),
+      i(s.kernel_h), i(s.kernel_w), i(s.conv_h), i(s.conv_w),
+      i(p.stride[0]), i(p.stride[1]), i(p.padding[0]), i(p.padding[1]),
+      i(p.dilation[0]), i(p.dilation[1]),
+      make_pool<index_t>(ops::pool_geometry(s, p))};
+}
+
 template <typename Launch>
 void direct_forward(const ops::ForwardTensors& t, const Launch& launch) {
   const auto& p = t.params;
   const auto& s = t.shape;
+  const auto tiled = tiled_launch_shape(s, p, t.input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_direct_cuda", [&] {
+        if (tiled) {
+          const auto i = [](int64_t v) { return static_cast<int32_t>(v); };
+          const TiledForwardArgs<scalar_t, int32_t> args{
+              make_direct_forward_args<scalar_t, uint8_t, int32_t>(t),
+              i(p.groups), i(tiled->tile_h), i(tiled->tile_w),
+              i(tiled->tiles_h), i(tiled->tiles_w), i(tiled->channel_blocks),
+              i(tiled->input_rows), i(tiled->input_cols)};
+          dispatch_tiled_sizes(
+              p.pool_kernel[0], s.kernel_h, s.kernel_w,
+              [&](auto pool, auto kernel) {
+                launch.template direct_forward_tiled<
+                    scalar_t, pool(), pool(), kernel(), kernel()>(
+                    args, *tiled);
+              });
+          return;
+        }
         ops::dispatch_code_type(
             ops::argmax_code_dtype(p), [&](auto code) {
               using code_t = decltype(code);
@@ -116,26 +252,9 @@ void direct_forward(const ops::ForwardTensors& t, const Launch& launch) {
                   {t.input.numel(), t.output.numel(), t.weight.numel()},
                   [&](auto index) {
                     using index_t = decltype(index);
-                    const auto i = [](int64_t v) {
-                      return static_cast<index_t>(v);
-                    };
-                    const DirectForwardArgs<scalar_t, code_t, index_t> args{
-                        t.input.const_data_ptr<scalar_t>(),
-                        t.weight.const_data_ptr<scalar_t>(),
-                        t.bias.defined() ? t.bias.const_data_ptr<scalar_t>()
-                                         : nullptr,
-                        t.output.mutable_data_ptr<scalar_t>(),
-                        t.codes.defined() ? t.codes.mutable_data_ptr<code_t>()
-                                          : nullptr,
-                        i(s.in_channels), i(s.in_h), i(s.in_w),
-                        i(s.out_channels), i(s.in_channels_per_group(p)),
-                        i(s.out_channels_per_group(p)), i(s.kernel_h),
-                        i(s.kernel_w), i(s.conv_h), i(s.conv_w),
-                        i(p.stride[0]), i(p.stride[1]), i(p.padding[0]),
-                        i(p.padding[1]), i(p.dilation[0]), i(p.dilation[1]),
-                        make_pool<index_t>(ops::pool_geometry(s, p))};
                     launch.template direct_forward<scalar_t, code_t, index_t>(
-                        args, static_cast<index_t>(t.output.numel()));
+                        make_direct_forward_args<scalar_t, code_t, index_t>(t),
+                        static_cast<index_t>(t.output.numel()));
                   });
             });
       });

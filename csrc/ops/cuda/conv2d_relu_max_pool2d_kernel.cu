@@ -10,6 +10,7 @@
 // native eager).
 #include "ops/cuda/conv2d_relu_max_pool2d_host.h"
 
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -48,6 +49,31 @@ __global__ void __launch_bounds__(kThreads) direct_forward_kernel(
   });
 }
 
+// One block per tile (TiledLaunchShape); the three phases of the bodies,
+// with a barrier after each staging and after each accumulation (the next
+// channel's staging overwrites what the accumulation reads).
+template <typename scalar_t, int PKH, int PKW, int KH, int KW>
+__global__ void __launch_bounds__(cb::kTiledMaxThreads)
+    direct_forward_tiled_kernel(
+        const cb::TiledForwardArgs<scalar_t, int32_t> args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  acc_t* tile_input = reinterpret_cast<acc_t*>(shared);
+  acc_t* tile_weight = tile_input + args.input_rows * args.input_cols;
+  const ThreadIndex thread = this_thread();
+  const cb::Tile<int32_t> tile = cb::tile_of_block(args, thread.block);
+  cb::TiledSums<acc_t, PKH, PKW> sums;
+  cb::start_tile(args, tile, sums);
+  for (int32_t c = 0; c < args.d.in_group; ++c) {
+    cb::stage_input_channel(args, tile, c, thread, tile_input, tile_weight);
+    __syncthreads();
+    cb::accumulate_input_channel<KH, KW>(
+        args, tile, thread, tile_input, tile_weight, sums);
+    __syncthreads();
+  }
+  cb::finish_tile(args, tile, thread, sums);
+}
+
 // The GPU Launch of conv2d_relu_max_pool2d_host.h: the call's device and
 // its current stream, set only after the argument checks, so a tensor on
 // the wrong device gets the error that names it.
@@ -80,6 +106,15 @@ class GpuLaunch {
       index_t items) const {
     direct_forward_kernel<<<blocks_for(items, kThreads), kThreads, 0,
                             stream_>>>(args, items);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t, int PKH, int PKW, int KH, int KW>
+  void direct_forward_tiled(
+      const cb::TiledForwardArgs<scalar_t, int32_t>& args,
+      const cb::TiledLaunchShape& shape) const {
+    direct_forward_tiled_kernel<scalar_t, PKH, PKW, KH, KW>
+        <<<shape.blocks, shape.threads, shape.shared_bytes, stream_>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

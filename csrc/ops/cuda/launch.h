@@ -11,7 +11,7 @@
 //
 // csrc/ops/cpu/cuda_emulation/ runs the very same bodies on the CPU, over
 // launches emulated thread by thread and phase by phase (emulate_launch,
-// emulate_xor_shuffle), behind private CPU operators (`_cuda_emulated_*`)
+// emulate_block_phase, emulate_xor_shuffle), behind private CPU operators (`_cuda_emulated_*`)
 // that the test suite compares with native torch on every CI run. What stays
 // GPU-only is the launch itself and the shuffle and barrier instructions.
 #pragma once
@@ -35,6 +35,13 @@ struct ThreadIndex {
   C10_HOST_DEVICE int64_t grid_threads() const { return blocks * threads; }
 };
 
+// `#pragma unroll` for nvcc, nothing for the host compiler (which would warn).
+#if defined(__CUDACC__)
+#define PTFAST_UNROLL _Pragma("unroll")
+#else
+#define PTFAST_UNROLL
+#endif
+
 #if defined(__CUDACC__)
 __device__ inline ThreadIndex this_thread() {
   return {
@@ -52,16 +59,23 @@ inline int64_t blocks_for(int64_t items, int64_t per_block) {
       1, std::min<int64_t>((items + per_block - 1) / per_block, kMaxBlocks));
 }
 
-// Host-only emulation of a launch: fn(ThreadIndex) for every thread of every
-// block, block after block. A kernel with barriers is emulated by calling
-// this once per phase of a block (blocks = 1, block index set by the caller),
-// so every thread finishes a phase before any starts the next.
+// Host-only emulation of one phase of one block of a launch: fn(ThreadIndex)
+// for each of its threads. A kernel with barriers is emulated phase by phase
+// (the code between two __syncthreads()), so that every thread of the block
+// finishes a phase before any starts the next, as on the GPU.
+template <typename Fn>
+void emulate_block_phase(int64_t block, int64_t blocks, int threads, const Fn& fn) {
+  for (int thread = 0; thread < threads; ++thread) {
+    fn(ThreadIndex{block, blocks, thread, threads});
+  }
+}
+
+// Host-only emulation of a launch without barriers: fn(ThreadIndex) for
+// every thread of every block, block after block.
 template <typename Fn>
 void emulate_launch(int64_t blocks, int threads, const Fn& fn) {
   for (int64_t block = 0; block < blocks; ++block) {
-    for (int thread = 0; thread < threads; ++thread) {
-      fn(ThreadIndex{block, blocks, thread, threads});
-    }
+    emulate_block_phase(block, blocks, threads, fn);
   }
 }
 

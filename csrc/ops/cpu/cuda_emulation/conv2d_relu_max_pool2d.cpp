@@ -8,9 +8,14 @@
 // Private ops for the test suite, same schemas as the real ones:
 //   _cuda_emulated_conv2d_relu_max_pool2d_with_codes
 //   _cuda_emulated_conv2d_relu_max_pool2d_backward
+// and, for the tests to check which direct kernel a call exercises,
+//   _cuda_conv2d_relu_max_pool2d_direct_kernel
 #include "ops/cuda/conv2d_relu_max_pool2d_host.h"
 
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 namespace ptfast::cuda {
 namespace {
@@ -46,6 +51,39 @@ class EmulatedLaunch {
     run(items, [&](index_t item) { cb::direct_forward_item(args, item); });
   }
 
+  // Phase by phase, as direct_forward_tiled_kernel runs them between its
+  // barriers; each thread's sums live across the phases as its registers do.
+  template <typename scalar_t, int PKH, int PKW, int KH, int KW>
+  void direct_forward_tiled(
+      const cb::TiledForwardArgs<scalar_t, int32_t>& args,
+      const cb::TiledLaunchShape& shape) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> shared(shape.shared_bytes / sizeof(acc_t));
+    acc_t* tile_input = shared.data();
+    acc_t* tile_weight = tile_input + args.input_rows * args.input_cols;
+    std::vector<cb::TiledSums<acc_t, PKH, PKW>> sums(shape.threads);
+    const int threads = static_cast<int>(shape.threads);
+    for (int64_t block = 0; block < shape.blocks; ++block) {
+      const cb::Tile<int32_t> tile = cb::tile_of_block(args, block);
+      const auto phase = [&](const auto& body) {
+        emulate_block_phase(block, shape.blocks, threads, body);
+      };
+      phase([&](ThreadIndex t) { cb::start_tile(args, tile, sums[t.thread]); });
+      for (int32_t c = 0; c < args.d.in_group; ++c) {
+        phase([&](ThreadIndex t) {
+          cb::stage_input_channel(args, tile, c, t, tile_input, tile_weight);
+        });
+        phase([&](ThreadIndex t) {
+          cb::accumulate_input_channel<KH, KW>(
+              args, tile, t, tile_input, tile_weight, sums[t.thread]);
+        });
+      }
+      phase([&](ThreadIndex t) {
+        cb::finish_tile(args, tile, t, sums[t.thread]);
+      });
+    }
+  }
+
  private:
   template <typename index_t, typename Body>
   static void run(index_t items, const Body& body) {
@@ -55,9 +93,29 @@ class EmulatedLaunch {
   }
 };
 
+// The direct forward kernel a CUDA call with these arguments runs (see
+// direct_forward_kernel_name), so the tests can check they cover each.
+std::string direct_forward_kernel(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode) {
+  const auto params = ops::make_conv2d_relu_max_pool2d_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  const auto shape = ops::check_conv2d_relu_max_pool2d_inputs(
+      input, weight, std::nullopt, params);
+  return cb::direct_forward_kernel_name(shape, params, input.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ptfast, m) {
+  m.def(
+      "_cuda_conv2d_relu_max_pool2d_direct_kernel(Tensor input, "
+      "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int[2] pool_kernel_size, int[2] pool_stride, "
+      "int[2] pool_padding, bool ceil_mode) -> str");
   m.def(
       "_cuda_emulated_conv2d_relu_max_pool2d_with_codes(Tensor input, "
       "Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
@@ -70,6 +128,11 @@ TORCH_LIBRARY_FRAGMENT(ptfast, m) {
       "int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
       "int[2] pool_stride, int[2] pool_padding, bool ceil_mode, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ptfast, CompositeExplicitAutograd, m) {
+  m.impl(
+      "_cuda_conv2d_relu_max_pool2d_direct_kernel", &direct_forward_kernel);
 }
 
 TORCH_LIBRARY_IMPL(ptfast, CPU, m) {
