@@ -43,8 +43,8 @@ PyObject* get_conv_block(PyObject* /*module*/, PyObject* device_name) {
   if (device == nullptr) {
     return nullptr;
   }
-  const std::string_view name =
-      ptfast::ops::conv_block_path_name(ptfast::ops::conv_block_policy(*device));
+  const std::string_view name = ptfast::ops::conv_block_path_name(
+      ptfast::ops::conv_block_policy(*device));
   return PyUnicode_FromStringAndSize(
       name.data(), static_cast<Py_ssize_t>(name.size()));
 }

@@ -41,7 +41,8 @@ template <typename index_t>
 struct Strides {
   index_t n, c, h, w;
 
-  C10_HOST_DEVICE index_t offset(index_t in, index_t ic, index_t ih, index_t iw) const {
+  C10_HOST_DEVICE index_t
+  offset(index_t in, index_t ic, index_t ih, index_t iw) const {
     return in * n + ic * c + ih * h + iw * w;
   }
 };
@@ -85,11 +86,10 @@ struct Pool {
 
 template <typename index_t>
 Pool<index_t> make_pool(const geometry::PoolGeometry& g) {
-  return {
-      static_cast<index_t>(g.kernel_h),  static_cast<index_t>(g.kernel_w),
-      static_cast<index_t>(g.stride_h),  static_cast<index_t>(g.stride_w),
-      static_cast<index_t>(g.padding_h), static_cast<index_t>(g.padding_w),
-      static_cast<index_t>(g.pooled_h),  static_cast<index_t>(g.pooled_w)};
+  return {static_cast<index_t>(g.kernel_h),  static_cast<index_t>(g.kernel_w),
+          static_cast<index_t>(g.stride_h),  static_cast<index_t>(g.stride_w),
+          static_cast<index_t>(g.padding_h), static_cast<index_t>(g.padding_w),
+          static_cast<index_t>(g.pooled_h),  static_cast<index_t>(g.pooled_w)};
 }
 
 // A pooling window clipped to the conv plane (geometry::pool_window, in
@@ -178,16 +178,16 @@ C10_HOST_DEVICE inline void epilogue_item(
   for (index_t h = wh.begin; h < wh.end; ++h) {
     for (index_t w = ww.begin; w < ww.end; ++w) {
       best.add(
-          static_cast<acc_t>(plane[h * a.conv_strides.h + w * a.conv_strides.w]),
+          static_cast<acc_t>(
+              plane[h * a.conv_strides.h + w * a.conv_strides.w]),
           h, w);
     }
   }
   write_pooled(
       best, wh, ww, g.kernel_w,
       a.output + a.output_strides.offset(p.n, p.c, p.h, p.w),
-      a.codes == nullptr
-          ? static_cast<code_t*>(nullptr)
-          : a.codes + a.code_strides.offset(p.n, p.c, p.h, p.w));
+      a.codes == nullptr ? static_cast<code_t*>(nullptr)
+                         : a.codes + a.code_strides.offset(p.n, p.c, p.h, p.w));
 }
 
 // ---------------------------------------------------------------------------
@@ -282,15 +282,16 @@ C10_HOST_DEVICE inline acc_t direct_conv_at(
   const scalar_t* w = a.weight + oc * a.in_group * a.kernel_h * a.kernel_w;
   for (index_t c = 0; c < a.in_group; ++c) {
     const scalar_t* x =
-        a.input + ((n * a.in_channels + group * a.in_group + c) * a.in_h) * a.in_w;
+        a.input +
+        ((n * a.in_channels + group * a.in_group + c) * a.in_h) * a.in_w;
     for (index_t kh = 0; kh < a.kernel_h; ++kh) {
       const index_t ih = oh * a.stride_h - a.padding_h + kh * a.dilation_h;
       const bool row_inside = ih >= 0 && ih < a.in_h;
       for (index_t kw = 0; kw < a.kernel_w; ++kw) {
         const index_t iw = ow * a.stride_w - a.padding_w + kw * a.dilation_w;
         const acc_t value = row_inside && iw >= 0 && iw < a.in_w
-            ? static_cast<acc_t>(x[ih * a.in_w + iw])
-            : acc_t(0);
+                                ? static_cast<acc_t>(x[ih * a.in_w + iw])
+                                : acc_t(0);
         acc += value * static_cast<acc_t>(*w++);
       }
     }
@@ -317,7 +318,8 @@ C10_HOST_DEVICE inline void direct_forward_item(
       // Rounded to scalar_t first, as the native conv output is.
       best.add(
           static_cast<acc_t>(static_cast<scalar_t>(
-              direct_conv_at<scalar_t, code_t, index_t, acc_t>(a, p.n, p.c, h, w))),
+              direct_conv_at<scalar_t, code_t, index_t, acc_t>(
+                  a, p.n, p.c, h, w))),
           h, w);
     }
   }
@@ -348,16 +350,17 @@ template <typename scalar_t, typename index_t>
 struct TiledForwardArgs {
   DirectForwardArgs<scalar_t, uint8_t, index_t> d;  // 2x2/3x3: uint8 codes
   index_t groups;
-  index_t tile_h, tile_w;       // pooled outputs of a block (threads: product)
-  index_t tiles_h, tiles_w;     // tiles of a pooled plane
-  index_t channel_blocks;       // blocks of kTiledChannels per group
+  index_t tile_h, tile_w;    // pooled outputs of a block (threads: product)
+  index_t tiles_h, tiles_w;  // tiles of a pooled plane
+  index_t channel_blocks;    // blocks of kTiledChannels per group
   index_t input_rows, input_cols;  // the staged input of one channel
 };
 
 // Where a block's tile sits.
 template <typename index_t>
 struct Tile {
-  index_t n, group, first_channel, channels;  // channels: valid, <= kTiledChannels
+  index_t n, group, first_channel,
+      channels;      // channels: valid, <= kTiledChannels
   index_t ph0, pw0;  // first pooled output
   index_t ih0, iw0;  // input position of the staged tile's (0, 0)
 };
@@ -382,8 +385,10 @@ C10_HOST_DEVICE inline Tile<index_t> tile_of_block(
   t.channels = left < kTiledChannels ? left : index_t(kTiledChannels);
   t.ph0 = tile_y * a.tile_h;
   t.pw0 = tile_x * a.tile_w;
-  t.ih0 = (t.ph0 * d.pool.stride_h - d.pool.padding_h) * d.stride_h - d.padding_h;
-  t.iw0 = (t.pw0 * d.pool.stride_w - d.pool.padding_w) * d.stride_w - d.padding_w;
+  t.ih0 =
+      (t.ph0 * d.pool.stride_h - d.pool.padding_h) * d.stride_h - d.padding_h;
+  t.iw0 =
+      (t.pw0 * d.pool.stride_w - d.pool.padding_w) * d.stride_w - d.padding_w;
   return t;
 }
 
@@ -400,8 +405,8 @@ C10_HOST_DEVICE inline void start_tile(
   PTFAST_UNROLL
   for (int ch = 0; ch < kTiledChannels; ++ch) {
     const acc_t bias = a.d.bias != nullptr && ch < t.channels
-        ? static_cast<acc_t>(a.d.bias[t.first_channel + ch])
-        : acc_t(0);
+                           ? static_cast<acc_t>(a.d.bias[t.first_channel + ch])
+                           : acc_t(0);
     PTFAST_UNROLL
     for (int k = 0; k < PKH * PKW; ++k) {
       sums.conv[ch][k] = bias;
@@ -417,24 +422,28 @@ C10_HOST_DEVICE inline void stage_input_channel(
     index_t c, const ThreadIndex& thread, acc_t* tile_input,
     acc_t* tile_weight) {
   const auto& d = a.d;
-  const scalar_t* x = d.input +
+  const scalar_t* x =
+      d.input +
       ((t.n * d.in_channels + t.group * d.in_group + c) * d.in_h) * d.in_w;
   const index_t staged = a.input_rows * a.input_cols;
   for (index_t i = thread.thread; i < staged; i += thread.threads) {
     const index_t ih = t.ih0 + i / a.input_cols;
     const index_t iw = t.iw0 + i % a.input_cols;
     tile_input[i] = ih >= 0 && ih < d.in_h && iw >= 0 && iw < d.in_w
-        ? static_cast<acc_t>(x[ih * d.in_w + iw])
-        : acc_t(0);
+                        ? static_cast<acc_t>(x[ih * d.in_w + iw])
+                        : acc_t(0);
   }
   const index_t taps = d.kernel_h * d.kernel_w;
   for (index_t i = thread.thread; i < kTiledChannels * taps;
        i += thread.threads) {
     const index_t ch = i / taps;
-    tile_weight[i] = ch < t.channels
-        ? static_cast<acc_t>(
-              d.weight[((t.first_channel + ch) * d.in_group + c) * taps + i % taps])
-        : acc_t(0);
+    tile_weight[i] =
+        ch < t.channels
+            ? static_cast<acc_t>(
+                  d.weight
+                      [((t.first_channel + ch) * d.in_group + c) * taps +
+                       i % taps])
+            : acc_t(0);
   }
 }
 
@@ -468,8 +477,8 @@ C10_HOST_DEVICE inline void accumulate_input_channel(
       if (ow < 0 || ow >= d.conv_w) {
         continue;
       }
-      const acc_t* row = tile_input +
-          (oh * d.stride_h - d.padding_h - t.ih0) * a.input_cols +
+      const acc_t* row =
+          tile_input + (oh * d.stride_h - d.padding_h - t.ih0) * a.input_cols +
           (ow * d.stride_w - d.padding_w - t.iw0);
       PTFAST_UNROLL
       for (index_t kh = 0; kh < kernel_h; ++kh) {
@@ -535,7 +544,8 @@ C10_HOST_DEVICE inline void finish_tile(
     }
     const index_t out =
         ((t.n * d.out_channels + t.first_channel + ch) * g.pooled_h + ph) *
-            g.pooled_w + pw;
+            g.pooled_w +
+        pw;
     write_pooled(
         best, wh, ww, g.kernel_w, d.output + out,
         d.codes == nullptr ? static_cast<uint8_t*>(nullptr) : d.codes + out);

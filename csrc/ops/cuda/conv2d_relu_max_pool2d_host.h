@@ -8,9 +8,9 @@
 // provides
 //   template <scalar_t, code_t, index_t> void epilogue(args, items) const;
 //   template <scalar_t, code_t, index_t> void conv_gradient(args, items) const;
-//   template <scalar_t, code_t, index_t> void direct_forward(args, items) const;
-//   template <scalar_t, PKH, PKW, KH, KW>
-//   void direct_forward_tiled(args, TiledLaunchShape) const;
+//   template <scalar_t, code_t, index_t> void direct_forward(args, items)
+//   const; template <scalar_t, PKH, PKW, KH, KW> void
+//   direct_forward_tiled(args, TiledLaunchShape) const;
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
@@ -65,7 +65,7 @@ Strides<index_t> strides_of(const at::Tensor& t) {
 
 inline bool is_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-      !t.is_contiguous(at::MemoryFormat::Contiguous);
+         !t.is_contiguous(at::MemoryFormat::Contiguous);
 }
 
 template <typename Launch>
@@ -80,29 +80,28 @@ void vendor_forward(const ops::ForwardTensors& t, const Launch& launch) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(),
       "conv2d_relu_max_pool2d_epilogue_cuda", [&] {
-        ops::dispatch_code_type(
-            ops::argmax_code_dtype(p), [&](auto code) {
-              using code_t = decltype(code);
-              dispatch_index_type({conv.numel()}, [&](auto index) {
-                using index_t = decltype(index);
-                const EpilogueArgs<scalar_t, code_t, index_t> args{
-                    conv.const_data_ptr<scalar_t>(),
-                    strides_of<index_t>(conv),
-                    t.output.mutable_data_ptr<scalar_t>(),
-                    strides_of<index_t>(t.output),
-                    t.codes.defined() ? t.codes.mutable_data_ptr<code_t>()
-                                      : nullptr,
-                    t.codes.defined() ? strides_of<index_t>(t.codes)
-                                      : Strides<index_t>{},
-                    static_cast<index_t>(s.out_channels),
-                    static_cast<index_t>(s.conv_h),
-                    static_cast<index_t>(s.conv_w),
-                    make_pool<index_t>(ops::pool_geometry(s, p)),
-                    is_channels_last(t.output)};
-                launch.template epilogue<scalar_t, code_t, index_t>(
-                    args, static_cast<index_t>(t.output.numel()));
-              });
-            });
+        ops::dispatch_code_type(ops::argmax_code_dtype(p), [&](auto code) {
+          using code_t = decltype(code);
+          dispatch_index_type({conv.numel()}, [&](auto index) {
+            using index_t = decltype(index);
+            const EpilogueArgs<scalar_t, code_t, index_t> args{
+                conv.const_data_ptr<scalar_t>(),
+                strides_of<index_t>(conv),
+                t.output.mutable_data_ptr<scalar_t>(),
+                strides_of<index_t>(t.output),
+                t.codes.defined() ? t.codes.mutable_data_ptr<code_t>()
+                                  : nullptr,
+                t.codes.defined() ? strides_of<index_t>(t.codes)
+                                  : Strides<index_t>{},
+                static_cast<index_t>(s.out_channels),
+                static_cast<index_t>(s.conv_h),
+                static_cast<index_t>(s.conv_w),
+                make_pool<index_t>(ops::pool_geometry(s, p)),
+                is_channels_last(t.output)};
+            launch.template epilogue<scalar_t, code_t, index_t>(
+                args, static_cast<index_t>(t.output.numel()));
+          });
+        });
       });
 }
 
@@ -149,9 +148,8 @@ inline std::optional<TiledLaunchShape> tiled_launch_shape(
   l.input_cols =
       (conv_cols - 1) * p.stride[1] + (s.kernel_w - 1) * p.dilation[1] + 1;
   const int64_t acc_size = dtype == at::kDouble ? 8 : 4;  // opmath_type
-  l.shared_bytes = acc_size *
-      (l.input_rows * l.input_cols +
-       kTiledChannels * s.kernel_h * s.kernel_w);
+  l.shared_bytes = acc_size * (l.input_rows * l.input_cols +
+                               kTiledChannels * s.kernel_h * s.kernel_w);
   l.blocks = s.batch * p.groups * l.channel_blocks * l.tiles_h * l.tiles_w;
   l.threads = l.tile_h * l.tile_w;
   if (l.shared_bytes > kSharedBytes ||
@@ -195,8 +193,8 @@ inline std::string direct_forward_kernel_name(
   dispatch_tiled_sizes(
       p.pool_kernel[0], s.kernel_h, s.kernel_w, [&](auto pool, auto kernel) {
         name = "tiled pool " + std::to_string(pool()) + "x" +
-            std::to_string(pool()) + " kernel " + std::to_string(kernel()) +
-            "x" + std::to_string(kernel());
+               std::to_string(pool()) + " kernel " + std::to_string(kernel()) +
+               "x" + std::to_string(kernel());
       });
   return name;
 }
@@ -213,11 +211,22 @@ DirectForwardArgs<scalar_t, code_t, index_t> make_direct_forward_args(
       t.bias.defined() ? t.bias.const_data_ptr<scalar_t>() : nullptr,
       t.output.mutable_data_ptr<scalar_t>(),
       t.codes.defined() ? t.codes.mutable_data_ptr<code_t>() : nullptr,
-      i(s.in_channels), i(s.in_h), i(s.in_w), i(s.out_channels),
-      i(s.in_channels_per_group(p)), i(s.out_channels_per_group(p)),
-      i(s.kernel_h), i(s.kernel_w), i(s.conv_h), i(s.conv_w),
-      i(p.stride[0]), i(p.stride[1]), i(p.padding[0]), i(p.padding[1]),
-      i(p.dilation[0]), i(p.dilation[1]),
+      i(s.in_channels),
+      i(s.in_h),
+      i(s.in_w),
+      i(s.out_channels),
+      i(s.in_channels_per_group(p)),
+      i(s.out_channels_per_group(p)),
+      i(s.kernel_h),
+      i(s.kernel_w),
+      i(s.conv_h),
+      i(s.conv_w),
+      i(p.stride[0]),
+      i(p.stride[1]),
+      i(p.padding[0]),
+      i(p.padding[1]),
+      i(p.dilation[0]),
+      i(p.dilation[1]),
       make_pool<index_t>(ops::pool_geometry(s, p))};
 }
 
@@ -233,30 +242,33 @@ void direct_forward(const ops::ForwardTensors& t, const Launch& launch) {
           const auto i = [](int64_t v) { return static_cast<int32_t>(v); };
           const TiledForwardArgs<scalar_t, int32_t> args{
               make_direct_forward_args<scalar_t, uint8_t, int32_t>(t),
-              i(p.groups), i(tiled->tile_h), i(tiled->tile_w),
-              i(tiled->tiles_h), i(tiled->tiles_w), i(tiled->channel_blocks),
-              i(tiled->input_rows), i(tiled->input_cols)};
+              i(p.groups),
+              i(tiled->tile_h),
+              i(tiled->tile_w),
+              i(tiled->tiles_h),
+              i(tiled->tiles_w),
+              i(tiled->channel_blocks),
+              i(tiled->input_rows),
+              i(tiled->input_cols)};
           dispatch_tiled_sizes(
               p.pool_kernel[0], s.kernel_h, s.kernel_w,
               [&](auto pool, auto kernel) {
                 launch.template direct_forward_tiled<
-                    scalar_t, pool(), pool(), kernel(), kernel()>(
-                    args, *tiled);
+                    scalar_t, pool(), pool(), kernel(), kernel()>(args, *tiled);
               });
           return;
         }
-        ops::dispatch_code_type(
-            ops::argmax_code_dtype(p), [&](auto code) {
-              using code_t = decltype(code);
-              dispatch_index_type(
-                  {t.input.numel(), t.output.numel(), t.weight.numel()},
-                  [&](auto index) {
-                    using index_t = decltype(index);
-                    launch.template direct_forward<scalar_t, code_t, index_t>(
-                        make_direct_forward_args<scalar_t, code_t, index_t>(t),
-                        static_cast<index_t>(t.output.numel()));
-                  });
-            });
+        ops::dispatch_code_type(ops::argmax_code_dtype(p), [&](auto code) {
+          using code_t = decltype(code);
+          dispatch_index_type(
+              {t.input.numel(), t.output.numel(), t.weight.numel()},
+              [&](auto index) {
+                using index_t = decltype(index);
+                launch.template direct_forward<scalar_t, code_t, index_t>(
+                    make_direct_forward_args<scalar_t, code_t, index_t>(t),
+                    static_cast<index_t>(t.output.numel()));
+              });
+        });
       });
 }
 

@@ -33,8 +33,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(
 
 template <typename scalar_t, typename code_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) conv_gradient_kernel(
-    const cb::ConvGradientArgs<scalar_t, code_t, index_t> args,
-    index_t items) {
+    const cb::ConvGradientArgs<scalar_t, code_t, index_t> args, index_t items) {
   cb::for_each_item(this_thread(), items, [&](index_t item) {
     cb::conv_gradient_item(args, item);
   });
@@ -95,8 +94,8 @@ class GpuLaunch {
   void conv_gradient(
       const cb::ConvGradientArgs<scalar_t, code_t, index_t>& args,
       index_t items) const {
-    conv_gradient_kernel<<<blocks_for(items, kThreads), kThreads, 0,
-                           stream_>>>(args, items);
+    conv_gradient_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream_>>>(
+        args, items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -104,8 +103,8 @@ class GpuLaunch {
   void direct_forward(
       const cb::DirectForwardArgs<scalar_t, code_t, index_t>& args,
       index_t items) const {
-    direct_forward_kernel<<<blocks_for(items, kThreads), kThreads, 0,
-                            stream_>>>(args, items);
+    direct_forward_kernel<<<
+        blocks_for(items, kThreads), kThreads, 0, stream_>>>(args, items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -11,9 +11,10 @@
 //
 // csrc/ops/cpu/cuda_emulation/ runs the very same bodies on the CPU, over
 // launches emulated thread by thread and phase by phase (emulate_launch,
-// emulate_block_phase, emulate_xor_shuffle), behind private CPU operators (`_cuda_emulated_*`)
-// that the test suite compares with native torch on every CI run. What stays
-// GPU-only is the launch itself and the shuffle and barrier instructions.
+// emulate_block_phase, emulate_xor_shuffle), behind private CPU operators
+// (`_cuda_emulated_*`) that the test suite compares with native torch on every
+// CI run. What stays GPU-only is the launch itself and the shuffle and barrier
+// instructions.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -64,7 +65,8 @@ inline int64_t blocks_for(int64_t items, int64_t per_block) {
 // (the code between two __syncthreads()), so that every thread of the block
 // finishes a phase before any starts the next, as on the GPU.
 template <typename Fn>
-void emulate_block_phase(int64_t block, int64_t blocks, int threads, const Fn& fn) {
+void emulate_block_phase(
+    int64_t block, int64_t blocks, int threads, const Fn& fn) {
   for (int thread = 0; thread < threads; ++thread) {
     fn(ThreadIndex{block, blocks, thread, threads});
   }
@@ -84,14 +86,16 @@ void emulate_launch(int64_t blocks, int threads, const Fn& fn) {
 // one warp: every lane ends with the combination the GPU computes, in the
 // same order, so reductions match the device's to the bit.
 template <typename T, typename Combine>
-void emulate_xor_shuffle(std::vector<T>& lanes, int width, const Combine& combine) {
+void emulate_xor_shuffle(
+    std::vector<T>& lanes, int width, const Combine& combine) {
   // lane ^ offset stays inside the lane's width-aligned group of lanes, as
   // on the GPU, because width is a power of two and offset < width.
   std::vector<T> before(lanes.size());
   for (int offset = width / 2; offset > 0; offset /= 2) {
     before = lanes;
     for (size_t lane = 0; lane < lanes.size(); ++lane) {
-      lanes[lane] = combine(before[lane], before[lane ^ static_cast<size_t>(offset)]);
+      lanes[lane] =
+          combine(before[lane], before[lane ^ static_cast<size_t>(offset)]);
     }
   }
 }

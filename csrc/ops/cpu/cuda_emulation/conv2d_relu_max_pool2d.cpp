@@ -131,8 +131,7 @@ TORCH_LIBRARY_FRAGMENT(ptfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(ptfast, CompositeExplicitAutograd, m) {
-  m.impl(
-      "_cuda_conv2d_relu_max_pool2d_direct_kernel", &direct_forward_kernel);
+  m.impl("_cuda_conv2d_relu_max_pool2d_direct_kernel", &direct_forward_kernel);
 }
 
 TORCH_LIBRARY_IMPL(ptfast, CPU, m) {
