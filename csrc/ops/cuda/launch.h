@@ -54,14 +54,23 @@ inline int64_t blocks_for(int64_t items, int64_t per_block) {
 
 // Host-only emulation of a launch: fn(ThreadIndex) for every thread of every
 // block, block after block. A kernel with barriers is emulated by calling
-// this once per phase of a block (blocks = 1, block index set by the caller),
-// so every thread finishes a phase before any starts the next.
+// emulate_block_phase once per phase of each block instead, so every thread
+// finishes a phase before any starts the next.
 template <typename Fn>
 void emulate_launch(int64_t blocks, int threads, const Fn& fn) {
   for (int64_t block = 0; block < blocks; ++block) {
     for (int thread = 0; thread < threads; ++thread) {
       fn(ThreadIndex{block, blocks, thread, threads});
     }
+  }
+}
+
+// Host-only emulation of one phase (the code between two barriers) of block
+// `block` of a `blocks`-block launch: fn(ThreadIndex) for each of its threads.
+template <typename Fn>
+void emulate_block_phase(int64_t block, int64_t blocks, int threads, const Fn& fn) {
+  for (int thread = 0; thread < threads; ++thread) {
+    fn(ThreadIndex{block, blocks, thread, threads});
   }
 }
 
