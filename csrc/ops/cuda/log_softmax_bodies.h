@@ -369,7 +369,8 @@ struct AddToSum {
 // The share's (max, sum), copying it to `copy` with kCopy.
 template <bool kVector, bool kCopy, typename index_t, typename scalar_t>
 C10_HOST_DEVICE MaxSum<at::opmath_type<scalar_t>> share_max_sum(
-    const scalar_t* row, scalar_t* copy, index_t length, int first, int stride) {
+    const scalar_t* row, index_t length, int first, int stride,
+    scalar_t* copy = nullptr) {
   AddToMaxSum<at::opmath_type<scalar_t>> fn;
   read_share<kVector, kCopy>(row, copy, length, first, stride, fn);
   return fn.state;
@@ -377,7 +378,8 @@ C10_HOST_DEVICE MaxSum<at::opmath_type<scalar_t>> share_max_sum(
 
 template <bool kVector, bool kCopy, typename index_t, typename scalar_t>
 C10_HOST_DEVICE at::opmath_type<scalar_t> share_sum(
-    const scalar_t* row, scalar_t* copy, index_t length, int first, int stride) {
+    const scalar_t* row, index_t length, int first, int stride,
+    scalar_t* copy = nullptr) {
   AddToSum<at::opmath_type<scalar_t>> fn;
   read_share<kVector, kCopy>(row, copy, length, first, stride, fn);
   return fn.sum;

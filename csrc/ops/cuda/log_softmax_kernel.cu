@@ -3,7 +3,7 @@
 // rule choosing among them), with at::opmath_type accumulation (float for
 // half types) and 32-bit in-row indexing where the tensor allows.
 //
-// Every forward reads each input element with one exp (online (max, sum));
+// The forward spends one exp per element on its (max, sum), computed online;
 // the block_row_shared kernels read the input (backward: grad_output) from
 // global memory once, keeping the row in shared memory for the write.
 #include "ops/cuda/log_softmax_bodies.h"
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) forward_warp_rows_kernel(
     const int64_t row = first + t.thread / lanes;
     const bool valid = row < rows;
     const scalar_t* x = input + (valid ? row : 0) * length;
-    MaxSum<acc_t> s = valid ? share_max_sum<false, false>(x, static_cast<scalar_t*>(nullptr), length, lane, lanes)
+    MaxSum<acc_t> s = valid ? share_max_sum<false, false>(x, length, lane, lanes)
                             : empty_max_sum<acc_t>();
     s = butterfly(s, lanes, MergeMaxSum{});
     if (valid) {
@@ -91,8 +91,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) backward_warp_rows_kernel(
     const int64_t row = first + t.thread / lanes;
     const bool valid = row < rows;
     const int64_t offset = (valid ? row : 0) * length;
-    acc_t sum = valid ? share_sum<false, false>(
-                            grad_output + offset, static_cast<scalar_t*>(nullptr), length, lane, lanes)
+    acc_t sum = valid ? share_sum<false, false>(grad_output + offset, length, lane, lanes)
                       : acc_t(0);
     sum = butterfly(sum, lanes, Add{});
     if (valid) {
@@ -121,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_block_row_kernel(
   for (int64_t row = t.block; row < rows; row += t.blocks) {
     const scalar_t* x = input + row * length;
     const MaxSum<acc_t> s = block_reduce(
-        share_max_sum<kVector, kShared>(x, copy, length, t.thread, t.threads),
+        share_max_sum<kVector, kShared>(x, length, t.thread, t.threads, copy),
         partials, t, MergeMaxSum{});
     // Each thread writes the elements it copied itself (the same share), so
     // the copy needs no barrier of its own.
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_block_row_kernel(
   for (int64_t row = t.block; row < rows; row += t.blocks) {
     const int64_t offset = row * length;
     const acc_t sum = block_reduce(
-        share_sum<kVector, kShared>(grad_output + offset, copy, length, t.thread, t.threads),
+        share_sum<kVector, kShared>(grad_output + offset, length, t.thread, t.threads, copy),
         partials, t, Add{});
     write_share<kVector>(
         kShared ? copy : grad_output + offset, output + offset, grad_input + offset,

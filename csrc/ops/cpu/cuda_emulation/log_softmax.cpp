@@ -72,8 +72,7 @@ void forward_warp_rows(const scalar_t* input, scalar_t* output, int64_t rows,
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
         const int64_t row = first + t.thread / lanes;
         states[t.thread] = row < rows
-            ? share_max_sum<false, false>(input + row * length, static_cast<scalar_t*>(nullptr),
-                                          length, t.thread % lanes, lanes)
+            ? share_max_sum<false, false>(input + row * length, length, t.thread % lanes, lanes)
             : empty_max_sum<acc_t>();
       });
       emulate_warp_butterflies(states, lanes, MergeMaxSum{});
@@ -99,7 +98,7 @@ void forward_block_row(const scalar_t* input, scalar_t* output, int64_t rows,
       const scalar_t* x = input + row * length;
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
         states[t.thread] =
-            share_max_sum<kVector, kShared>(x, copy.data(), length, t.thread, t.threads);
+            share_max_sum<kVector, kShared>(x, length, t.thread, t.threads, copy.data());
       });
       const ForwardOutput<acc_t> write(emulate_block_reduce(states, MergeMaxSum{}));
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
@@ -170,8 +169,7 @@ void backward_warp_rows(const scalar_t* grad_output, const scalar_t* output,
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
         const int64_t row = first + t.thread / lanes;
         sums[t.thread] = row < rows
-            ? share_sum<false, false>(grad_output + row * length, static_cast<scalar_t*>(nullptr),
-                                      length, t.thread % lanes, lanes)
+            ? share_sum<false, false>(grad_output + row * length, length, t.thread % lanes, lanes)
             : acc_t(0);
       });
       emulate_warp_butterflies(sums, lanes, Add{});
@@ -198,8 +196,8 @@ void backward_block_row(const scalar_t* grad_output, const scalar_t* output,
     for (int64_t row = block; row < rows; row += plan.blocks) {
       const int64_t offset = row * length;
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
-        sums[t.thread] = share_sum<kVector, kShared>(grad_output + offset, copy.data(), length,
-                                                     t.thread, t.threads);
+        sums[t.thread] = share_sum<kVector, kShared>(grad_output + offset, length, t.thread,
+                                                     t.threads, copy.data());
       });
       const BackwardGradInput<acc_t> write{emulate_block_reduce(sums, Add{})};
       emulate_block_phase(block, plan.blocks, plan.threads, [&](ThreadIndex t) {
