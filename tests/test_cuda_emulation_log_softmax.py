@@ -78,9 +78,11 @@ def check_against_native(x: torch.Tensor, dim: int, grad_storage_offset: int = 0
 # warp_rows (a partial last block of rows included), block_row rows in and out
 # of shared memory (above 48 KB in every dtype) with 16-byte accesses or scalar
 # ones (a row that is not a whole number of 16-byte packs, an input at a
-# storage offset), and columns with and without dim split (a tile running
-# past inner). (shape, dim, storage offset of the input and grad_output, the
-# kernel in every dtype).
+# storage offset), columns with and without dim split (a tile running past
+# inner), and grid-stride loops that go round more than once (more rows or
+# columns than an H100's resident blocks take at once: 132 x 8 blocks of 256
+# threads, 132 x 16 of 128). (shape, dim, storage offset of the input and
+# grad_output, the kernel in every dtype).
 CASES = {
     "0-d": ((), 0, 0, "warp_rows/1"),
     "empty-rows": ((0, 5), 1, 0, "none"),
@@ -94,16 +96,19 @@ CASES = {
     "warp-rows-32-lanes": ((9, 33), 1, 0, "warp_rows/32"),
     "warp-rows-32-lanes-longest": ((5, 1024), -1, 0, "warp_rows/32"),
     "warp-rows-misaligned": ((33, 7), 1, 1, "warp_rows/8"),
+    "warp-rows-grid-stride": ((140000, 2), 1, 0, "warp_rows/2"),
     "block-row-shared-vector": ((3, 1032), 1, 0, "block_row_shared"),
     "block-row-shared-odd-length": ((3, 1031), 1, 0, "block_row_shared"),
     "block-row-shared-misaligned": ((3, 2048), 1, 3, "block_row_shared"),
     "block-row-shared-above-48KB": ((4, 26000), 1, 0, "block_row_shared"),
+    "block-row-shared-grid-stride": ((2200, 1030), 1, 0, "block_row_shared"),
     "block-row-streamed-vector": ((4, 120000), 1, 0, "block_row_streamed"),
     "block-row-streamed-odd-length": ((4, 120001), 1, 0, "block_row_streamed"),
     "block-row-streamed-misaligned": ((4, 120000), 1, 5, "block_row_streamed"),
     "columns": ((5, 37), 0, 0, "columns"),
     "columns-3d": ((4, 5, 17), 1, 0, "columns"),
     "columns-misaligned": ((6, 20, 3), 1, 1, "columns"),
+    "columns-grid-stride": ((133, 4, 2048), 1, 0, "columns"),
     "columns-split-dim": ((512, 64), 0, 0, "columns_split_dim"),
     "columns-split-dim-few-columns": ((16, 1000, 8), 1, 0, "columns_split_dim"),
     "columns-split-dim-partial-tile": ((3, 200, 37), 1, 0, "columns_split_dim"),

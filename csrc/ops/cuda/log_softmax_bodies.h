@@ -52,16 +52,22 @@ constexpr int64_t kElementsPerRowThread = 16;
 // columns_split_dim: each thread walks at least this many elements of dim, so
 // that the shared-memory tree costs little next to the walk.
 constexpr int64_t kMinSliceLength = 16;
-// An H100's 132 SMs x 2048 resident threads: more columns than this fill the
-// GPU by themselves, and fewer get dim split across threads until they do.
-constexpr int64_t kFillThreads = int64_t{132} * 2048;
+// Resident threads a multiprocessor holds on sm_80 and sm_90.
+constexpr int64_t kThreadsPerMultiprocessor = 2048;
 // Static shared memory beside a block_row kernel's dynamic row copy: the 32
 // warps' partials (at most 32 x 16 bytes), rounded up.
 constexpr int64_t kStaticSharedBytes = 1024;
-// Shared memory a block may opt in to on sm_90 (227 KB): the limit the
-// emulation and the kernel-name operator plan with, as on an H100/H200. The
-// CUDA code asks the device instead.
-constexpr int64_t kSm90SharedBytesPerBlock = 232448;
+
+// What the rule needs to know of the device.
+struct Device {
+  int64_t multiprocessors;
+  int64_t max_shared_bytes;  // dynamic shared memory a block may opt in to
+};
+
+// An H100/H200 (sm_90: 132 multiprocessors, 227 KB a block): the device the
+// emulation and the kernel-name operator plan for. The CUDA code asks the
+// device it runs on.
+constexpr Device kH100{132, 232448};
 
 // -- The host rule --------------------------------------------------------
 
@@ -92,13 +98,22 @@ inline int64_t next_power_of_two(int64_t n) {
   return p;
 }
 
+// Blocks of `threads` for `items`, `per_block` per block: no more than the
+// device holds at once, so that the grid-stride loops of the kernels take
+// the rest (blocks stay resident instead of being relaunched).
+inline int64_t resident_blocks_for(
+    int64_t items, int64_t per_block, int threads, const Device& device) {
+  return std::min(
+      blocks_for(items, per_block),
+      device.multiprocessors * std::max<int64_t>(1, kThreadsPerMultiprocessor / threads));
+}
+
 // What every kernel of a (forward or backward) call launches with, from the
-// layout, the element size in bytes and the dynamic shared memory a block
-// may use on the device. The backward keeps only grad_output in shared
-// memory (output is read once anyway), so one rule serves both.
+// layout, the element size in bytes and the device. The backward keeps only
+// grad_output in shared memory (output is read once anyway), so one rule
+// serves both.
 inline LaunchPlan plan_launch(
-    const ops::LogSoftmaxLayout& l, int64_t element_size,
-    int64_t max_shared_bytes) {
+    const ops::LogSoftmaxLayout& l, int64_t element_size, const Device& device) {
   LaunchPlan plan;
   if (l.outer * l.dim_size * l.inner == 0) {
     return plan;
@@ -107,16 +122,17 @@ inline LaunchPlan plan_launch(
     plan.kernel = Kernel::kWarpRows;
     plan.row_lanes = static_cast<int>(std::min<int64_t>(next_power_of_two(l.dim_size), kWarp));
     plan.threads = kWarpRowThreads;
-    plan.blocks = blocks_for(l.outer, kWarpRowThreads / plan.row_lanes);
+    plan.blocks = resident_blocks_for(
+        l.outer, kWarpRowThreads / plan.row_lanes, plan.threads, device);
     return plan;
   }
   if (l.inner == 1) {
     plan.threads = static_cast<int>(std::clamp<int64_t>(
         next_power_of_two((l.dim_size + kElementsPerRowThread - 1) / kElementsPerRowThread),
         128, kMaxThreads));
-    plan.blocks = blocks_for(l.outer, 1);
+    plan.blocks = resident_blocks_for(l.outer, 1, plan.threads, device);
     const int64_t row_bytes = l.dim_size * element_size;
-    if (row_bytes + kStaticSharedBytes <= max_shared_bytes) {
+    if (row_bytes + kStaticSharedBytes <= device.max_shared_bytes) {
       plan.kernel = Kernel::kBlockRowShared;
       plan.shared_bytes = row_bytes;
     } else {
@@ -125,27 +141,27 @@ inline LaunchPlan plan_launch(
     return plan;
   }
   // Up to a warp of neighbouring columns a block, so that a warp's loads of
-  // one slice of dim coalesce; then slices of dim while the launch is too
-  // small for the GPU and each slice stays long enough.
+  // one slice of dim coalesce; then slices of dim while the launch has fewer
+  // threads than the device holds and each slice stays long enough.
   const int columns = static_cast<int>(std::min<int64_t>(next_power_of_two(l.inner), kWarp));
   const int64_t tiles = l.outer * ((l.inner + columns - 1) / columns);
   int slices = 1;
   while (columns * slices * 2 <= kMaxThreads &&
          slices * 2 * kMinSliceLength <= l.dim_size &&
-         tiles * columns * slices < kFillThreads) {
+         tiles * columns * slices < device.multiprocessors * kThreadsPerMultiprocessor) {
     slices *= 2;
   }
   if (slices == 1) {
     plan.kernel = Kernel::kColumns;
     plan.threads = kColumnThreads;
-    plan.blocks = blocks_for(l.outer * l.inner, kColumnThreads);
+    plan.blocks = resident_blocks_for(l.outer * l.inner, kColumnThreads, plan.threads, device);
     return plan;
   }
   plan.kernel = Kernel::kColumnsSplitDim;
   plan.block_columns = columns;
   plan.dim_slices = slices;
   plan.threads = columns * slices;
-  plan.blocks = blocks_for(tiles, 1);
+  plan.blocks = resident_blocks_for(tiles, 1, plan.threads, device);
   return plan;
 }
 

@@ -243,12 +243,14 @@ __global__ void __launch_bounds__(kMaxThreads) backward_columns_split_dim_kernel
   }
 }
 
-// Dynamic shared memory a block of `device` may opt in to.
-int64_t max_shared_bytes(c10::DeviceIndex device) {
-  int bytes = 0;
+// What plan_launch needs to know of `device`.
+Device device_limits(c10::DeviceIndex device) {
+  int multiprocessors = 0, max_shared_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, static_cast<int>(device)));
-  return bytes;
+      &multiprocessors, cudaDevAttrMultiProcessorCount, static_cast<int>(device)));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, static_cast<int>(device)));
+  return {multiprocessors, max_shared_bytes};
 }
 
 // Launches a block_row kernel, opting in to more than the default 48 KB of
@@ -268,8 +270,8 @@ at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
   const auto t = ops::prepare_log_softmax(self, dim);
   const ops::LogSoftmaxLayout& l = t.layout;
   const c10::cuda::CUDAGuard device_guard(t.input.device());
-  const LaunchPlan plan = plan_launch(
-      l, t.input.element_size(), max_shared_bytes(t.input.device().index()));
+  const LaunchPlan plan =
+      plan_launch(l, t.input.element_size(), device_limits(t.input.device().index()));
   if (plan.kernel == Kernel::kNone) {
     return t.output;
   }
@@ -320,8 +322,8 @@ at::Tensor log_softmax_backward_cuda(
   const auto t = ops::prepare_log_softmax_backward(grad_output, output, dim);
   const ops::LogSoftmaxLayout& l = t.layout;
   const c10::cuda::CUDAGuard device_guard(t.output.device());
-  const LaunchPlan plan = plan_launch(
-      l, t.output.element_size(), max_shared_bytes(t.output.device().index()));
+  const LaunchPlan plan =
+      plan_launch(l, t.output.element_size(), device_limits(t.output.device().index()));
   if (plan.kernel == Kernel::kNone) {
     return t.grad_input;
   }

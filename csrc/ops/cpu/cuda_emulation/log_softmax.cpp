@@ -4,8 +4,8 @@
 // barriers as phase boundaries, shared memory as per-block vectors and warp
 // shuffles in the GPU's order (launch.h). Private operators for the tests:
 //   _cuda_emulated_log_softmax, _cuda_emulated_log_softmax_backward (CPU);
-//   _cuda_log_softmax_kernel: the kernel the rule picks for a layout, as an
-//   sm_90 device would (227 KB of shared memory a block).
+//   _cuda_log_softmax_kernel: the kernel the rule picks for a layout.
+// Both plan for an H100 (kH100), whose launches they reproduce.
 #include "ops/checks.h"
 #include "ops/cuda/launch.h"
 #include "ops/cuda/log_softmax_bodies.h"
@@ -257,7 +257,7 @@ at::Tensor emulated_log_softmax(const at::Tensor& self, int64_t dim) {
   const auto t = ops::prepare_log_softmax(self, dim);
   ops::check_cpu_dtype(kOp, t.input, "self");
   const ops::LogSoftmaxLayout& l = t.layout;
-  const LaunchPlan plan = plan_launch(l, t.input.element_size(), kSm90SharedBytesPerBlock);
+  const LaunchPlan plan = plan_launch(l, t.input.element_size(), kH100);
   if (plan.kernel == Kernel::kNone) {
     return t.output;
   }
@@ -300,7 +300,7 @@ at::Tensor emulated_log_softmax_backward(
   const auto t = ops::prepare_log_softmax_backward(grad_output, output, dim);
   ops::check_cpu_dtype(kOp, t.output, "output");
   const ops::LogSoftmaxLayout& l = t.layout;
-  const LaunchPlan plan = plan_launch(l, t.output.element_size(), kSm90SharedBytesPerBlock);
+  const LaunchPlan plan = plan_launch(l, t.output.element_size(), kH100);
   if (plan.kernel == Kernel::kNone) {
     return t.grad_input;
   }
@@ -348,7 +348,7 @@ std::string log_softmax_kernel_name(
   TORCH_CHECK(
       element_size == 2 || element_size == 4 || element_size == 8,
       "ptfast._cuda_log_softmax_kernel: `element_size` must be 2, 4 or 8, got ", element_size);
-  return kernel_name(plan_launch({outer, dim_size, inner}, element_size, kSm90SharedBytesPerBlock));
+  return kernel_name(plan_launch({outer, dim_size, inner}, element_size, kH100));
 }
 
 }  // namespace
