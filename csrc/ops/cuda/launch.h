@@ -68,7 +68,8 @@ void emulate_launch(int64_t blocks, int threads, const Fn& fn) {
 // Host-only emulation of one phase (the code between two barriers) of block
 // `block` of a `blocks`-block launch: fn(ThreadIndex) for each of its threads.
 template <typename Fn>
-void emulate_block_phase(int64_t block, int64_t blocks, int threads, const Fn& fn) {
+void emulate_block_phase(
+    int64_t block, int64_t blocks, int threads, const Fn& fn) {
   for (int thread = 0; thread < threads; ++thread) {
     fn(ThreadIndex{block, blocks, thread, threads});
   }

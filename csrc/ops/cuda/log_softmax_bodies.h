@@ -84,10 +84,10 @@ struct LaunchPlan {
   Kernel kernel = Kernel::kNone;
   int64_t blocks = 0;
   int threads = 0;
-  int row_lanes = 1;          // warp_rows: lanes per row, a power of two <= 32
-  int block_columns = 1;      // columns_split_dim: columns per block
-  int dim_slices = 1;         // columns_split_dim: threads per column, a power of two
-  int64_t shared_bytes = 0;   // block_row_shared: the dynamic row copy
+  int row_lanes = 1;      // warp_rows: lanes per row, a power of two <= 32
+  int block_columns = 1;  // columns_split_dim: columns per block
+  int dim_slices = 1;  // columns_split_dim: threads per column, a power of two
+  int64_t shared_bytes = 0;  // block_row_shared: the dynamic row copy
 };
 
 inline int64_t next_power_of_two(int64_t n) {
@@ -105,7 +105,8 @@ inline int64_t resident_blocks_for(
     int64_t items, int64_t per_block, int threads, const Device& device) {
   return std::min(
       blocks_for(items, per_block),
-      device.multiprocessors * std::max<int64_t>(1, kThreadsPerMultiprocessor / threads));
+      device.multiprocessors *
+          std::max<int64_t>(1, kThreadsPerMultiprocessor / threads));
 }
 
 // What every kernel of a (forward or backward) call launches with, from the
@@ -113,14 +114,16 @@ inline int64_t resident_blocks_for(
 // grad_output in shared memory (output is read once anyway), so one rule
 // serves both.
 inline LaunchPlan plan_launch(
-    const ops::LogSoftmaxLayout& l, int64_t element_size, const Device& device) {
+    const ops::LogSoftmaxLayout& l, int64_t element_size,
+    const Device& device) {
   LaunchPlan plan;
   if (l.outer * l.dim_size * l.inner == 0) {
     return plan;
   }
   if (l.inner == 1 && l.dim_size <= kMaxWarpRow) {
     plan.kernel = Kernel::kWarpRows;
-    plan.row_lanes = static_cast<int>(std::min<int64_t>(next_power_of_two(l.dim_size), kWarp));
+    plan.row_lanes = static_cast<int>(
+        std::min<int64_t>(next_power_of_two(l.dim_size), kWarp));
     plan.threads = kWarpRowThreads;
     plan.blocks = resident_blocks_for(
         l.outer, kWarpRowThreads / plan.row_lanes, plan.threads, device);
@@ -128,7 +131,8 @@ inline LaunchPlan plan_launch(
   }
   if (l.inner == 1) {
     plan.threads = static_cast<int>(std::clamp<int64_t>(
-        next_power_of_two((l.dim_size + kElementsPerRowThread - 1) / kElementsPerRowThread),
+        next_power_of_two(
+            (l.dim_size + kElementsPerRowThread - 1) / kElementsPerRowThread),
         128, kMaxThreads));
     plan.blocks = resident_blocks_for(l.outer, 1, plan.threads, device);
     const int64_t row_bytes = l.dim_size * element_size;
@@ -143,18 +147,21 @@ inline LaunchPlan plan_launch(
   // Up to a warp of neighbouring columns a block, so that a warp's loads of
   // one slice of dim coalesce; then slices of dim while the launch has fewer
   // threads than the device holds and each slice stays long enough.
-  const int columns = static_cast<int>(std::min<int64_t>(next_power_of_two(l.inner), kWarp));
+  const int columns =
+      static_cast<int>(std::min<int64_t>(next_power_of_two(l.inner), kWarp));
   const int64_t tiles = l.outer * ((l.inner + columns - 1) / columns);
   int slices = 1;
   while (columns * slices * 2 <= kMaxThreads &&
          slices * 2 * kMinSliceLength <= l.dim_size &&
-         tiles * columns * slices < device.multiprocessors * kThreadsPerMultiprocessor) {
+         tiles * columns * slices <
+             device.multiprocessors * kThreadsPerMultiprocessor) {
     slices *= 2;
   }
   if (slices == 1) {
     plan.kernel = Kernel::kColumns;
     plan.threads = kColumnThreads;
-    plan.blocks = resident_blocks_for(l.outer * l.inner, kColumnThreads, plan.threads, device);
+    plan.blocks = resident_blocks_for(
+        l.outer * l.inner, kColumnThreads, plan.threads, device);
     return plan;
   }
   plan.kernel = Kernel::kColumnsSplitDim;
@@ -198,7 +205,8 @@ inline bool use_vector_access(
 }
 
 // Calls fn(std::bool_constant<vector>{}, std::bool_constant<shared>{}): the
-// template arguments of a block_row kernel, from use_vector_access and the plan.
+// template arguments of a block_row kernel, from use_vector_access and the
+// plan.
 template <typename Fn>
 void with_block_row_flags(bool vector, const LaunchPlan& plan, const Fn& fn) {
   const bool shared = plan.kernel == Kernel::kBlockRowShared;
@@ -247,7 +255,8 @@ template <typename acc_t>
 C10_HOST_DEVICE MaxSum<acc_t> add(MaxSum<acc_t> s, acc_t x) {
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   if (x > s.max) {
-    const acc_t self = x == kInf ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1);
+    const acc_t self =
+        x == kInf ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1);
     return {x, s.sum * std::exp(s.max - x) + self};
   }
   if (x != -kInf) {  // a NaN x passes, and makes the sum NaN
@@ -272,7 +281,8 @@ C10_HOST_DEVICE MaxSum<acc_t> merge(MaxSum<acc_t> a, MaxSum<acc_t> b) {
 
 struct MergeMaxSum {
   template <typename acc_t>
-  C10_HOST_DEVICE MaxSum<acc_t> operator()(MaxSum<acc_t> a, MaxSum<acc_t> b) const {
+  C10_HOST_DEVICE MaxSum<acc_t> operator()(
+      MaxSum<acc_t> a, MaxSum<acc_t> b) const {
     return merge(a, b);
   }
 };
@@ -287,7 +297,8 @@ struct Add {
 // A block's reduction after each warp's butterfly: every thread folds the
 // warps' partials in warp order, so all get the same value.
 template <typename T, typename Combine>
-C10_HOST_DEVICE T fold_partials(const T* partials, int count, const Combine& combine) {
+C10_HOST_DEVICE T
+fold_partials(const T* partials, int count, const Combine& combine) {
   T value = partials[0];
   for (int i = 1; i < count; ++i) {
     value = combine(value, partials[i]);
@@ -316,7 +327,8 @@ struct BackwardGradInput {
   acc_t grad_sum;
 
   template <typename scalar_t>
-  C10_HOST_DEVICE scalar_t operator()(scalar_t grad_output, scalar_t output) const {
+  C10_HOST_DEVICE scalar_t
+  operator()(scalar_t grad_output, scalar_t output) const {
     return static_cast<scalar_t>(
         static_cast<acc_t>(grad_output) -
         std::exp(static_cast<acc_t>(output)) * grad_sum);
@@ -337,7 +349,8 @@ struct alignas(16) Pack {
 
 // fn(value) for each element of the share; with kCopy, each is also stored
 // to copy[i] (the row's shared-memory copy), in the same pattern.
-template <bool kVector, bool kCopy, typename index_t, typename scalar_t, typename Fn>
+template <
+    bool kVector, bool kCopy, typename index_t, typename scalar_t, typename Fn>
 C10_HOST_DEVICE void read_share(
     const scalar_t* row, scalar_t* copy, index_t length, int first, int stride,
     Fn& fn) {
@@ -465,7 +478,8 @@ C10_HOST_DEVICE inline int64_t warp_rows_stride(ThreadIndex t, int lanes) {
 
 // Element (o, 0, i) of the (outer, dim_size, inner) view, where column =
 // o * inner + i.
-C10_HOST_DEVICE inline int64_t column_start(const ops::LogSoftmaxLayout& l, int64_t column) {
+C10_HOST_DEVICE inline int64_t column_start(
+    const ops::LogSoftmaxLayout& l, int64_t column) {
   return (column / l.inner) * l.dim_size * l.inner + column % l.inner;
 }
 
@@ -473,7 +487,8 @@ template <typename index_t, typename scalar_t>
 C10_HOST_DEVICE MaxSum<at::opmath_type<scalar_t>> column_max_sum(
     const scalar_t* column, index_t dim_size, index_t inner, index_t first,
     index_t stride) {
-  MaxSum<at::opmath_type<scalar_t>> s = empty_max_sum<at::opmath_type<scalar_t>>();
+  MaxSum<at::opmath_type<scalar_t>> s =
+      empty_max_sum<at::opmath_type<scalar_t>>();
   for (index_t d = first; d < dim_size; d += stride) {
     s = add(s, static_cast<at::opmath_type<scalar_t>>(column[d * inner]));
   }
@@ -515,19 +530,23 @@ C10_HOST_DEVICE void write_column(
 struct SplitColumn {
   int64_t start;  // of the column in the tensor; meaningless when !valid
   bool valid;     // the tile's last columns may lie past inner
-  int slice;      // the thread's slice of dim: d = slice, slice + dim_slices, ...
+  int slice;  // the thread's slice of dim: d = slice, slice + dim_slices, ...
 };
 
-C10_HOST_DEVICE inline int64_t split_tiles(const ops::LogSoftmaxLayout& l, int block_columns) {
+C10_HOST_DEVICE inline int64_t split_tiles(
+    const ops::LogSoftmaxLayout& l, int block_columns) {
   return l.outer * ((l.inner + block_columns - 1) / block_columns);
 }
 
 C10_HOST_DEVICE inline SplitColumn split_column(
-    const ops::LogSoftmaxLayout& l, int block_columns, int64_t tile, int thread) {
+    const ops::LogSoftmaxLayout& l, int block_columns, int64_t tile,
+    int thread) {
   const int64_t tiles_per_outer = (l.inner + block_columns - 1) / block_columns;
-  const int64_t inner_index = (tile % tiles_per_outer) * block_columns + thread % block_columns;
-  return {(tile / tiles_per_outer) * l.dim_size * l.inner + inner_index,
-          inner_index < l.inner, thread / block_columns};
+  const int64_t inner_index =
+      (tile % tiles_per_outer) * block_columns + thread % block_columns;
+  return {
+      (tile / tiles_per_outer) * l.dim_size * l.inner + inner_index,
+      inner_index < l.inner, thread / block_columns};
 }
 
 // One step of the tree over slices, run after a barrier by every thread:
@@ -535,9 +554,11 @@ C10_HOST_DEVICE inline SplitColumn split_column(
 // a thread, in thread order). After the last step, slice 0 holds the column's.
 template <typename T, typename Combine>
 C10_HOST_DEVICE void combine_slices_step(
-    T* shared, int thread, int block_columns, int half, const Combine& combine) {
+    T* shared, int thread, int block_columns, int half,
+    const Combine& combine) {
   if (thread / block_columns < half) {
-    shared[thread] = combine(shared[thread], shared[thread + half * block_columns]);
+    shared[thread] =
+        combine(shared[thread], shared[thread + half * block_columns]);
   }
 }
 
