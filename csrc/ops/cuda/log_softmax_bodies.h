@@ -69,8 +69,7 @@ struct Device {
 // device it runs on.
 constexpr Device kH100{132, 232448};
 
-// -- The host rule --------------------------------------------------------
-
+// The kernels plan_launch picks from.
 enum class Kernel {
   kNone,  // an empty tensor: nothing to launch
   kWarpRows,
@@ -233,8 +232,6 @@ void with_index_type(int64_t numel, const Fn& fn) {
   }
 }
 
-// -- Running (max, sum) ---------------------------------------------------
-
 // max of the values seen, and the sum of exp(value - max) over them.
 template <typename acc_t>
 struct MaxSum {
@@ -306,8 +303,6 @@ fold_partials(const T* partials, int count, const Combine& combine) {
   return value;
 }
 
-// -- Per-element writes ---------------------------------------------------
-
 template <typename acc_t>
 struct ForwardOutput {
   acc_t max;
@@ -335,12 +330,10 @@ struct BackwardGradInput {
   }
 };
 
-// -- A thread's share of a row --------------------------------------------
-//
-// Elements first, first + stride, ... of a row of `length` (lane and group
-// width, or thread and block size); with kVector, 16-byte packs of elements
-// in that pattern instead (length a multiple of the pack, row aligned).
-
+// A thread's share of a row: elements first, first + stride, ... of a row
+// of `length` (lane and group width, or thread and block size); with
+// kVector, 16-byte packs of elements in that pattern instead (length a
+// multiple of the pack, row aligned).
 template <typename scalar_t>
 struct alignas(16) Pack {
   static constexpr int kSize = 16 / sizeof(scalar_t);
@@ -461,8 +454,6 @@ C10_HOST_DEVICE void write_share(
   }
 }
 
-// -- warp_rows --------------------------------------------------------------
-
 // A block takes kWarpRowThreads / lanes consecutive rows an iteration; a
 // thread's row is first_row + thread / lanes, past the end for some threads
 // of the last iteration (they still join the shuffles).
@@ -473,8 +464,6 @@ C10_HOST_DEVICE inline int64_t warp_rows_first(ThreadIndex t, int lanes) {
 C10_HOST_DEVICE inline int64_t warp_rows_stride(ThreadIndex t, int lanes) {
   return t.blocks * (t.threads / lanes);
 }
-
-// -- columns and columns_split_dim ----------------------------------------
 
 // Element (o, 0, i) of the (outer, dim_size, inner) view, where column =
 // o * inner + i.

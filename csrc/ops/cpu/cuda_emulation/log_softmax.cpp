@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -60,8 +61,6 @@ void emulate_combine_slices(
     });
   }
 }
-
-// -- Forward --------------------------------------------------------------
 
 template <typename scalar_t, typename index_t>
 void forward_warp_rows(
@@ -171,8 +170,6 @@ void forward_columns_split_dim(
     }
   }
 }
-
-// -- Backward -------------------------------------------------------------
 
 template <typename scalar_t, typename index_t>
 void backward_warp_rows(
