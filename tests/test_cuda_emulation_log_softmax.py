@@ -2,8 +2,8 @@
 
 csrc/ops/cpu/cuda_emulation/log_softmax.cpp runs the very functions the CUDA
 kernels call (csrc/ops/cuda/log_softmax_bodies.h), thread by thread and phase
-by phase, after the same host rule picked the kernel and launch shape (as on
-an sm_90 device). These tests need no GPU: every index computation, bound and
+by phase, after the same host rule picked the kernel and launch shape (for an
+H100). These tests need no GPU: every index computation, bound and
 combine order of the kernels is exercised on every CI machine.
 """
 
