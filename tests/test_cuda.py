@@ -9,6 +9,8 @@ the emulation cannot: the launches, cuDNN, streams and devices.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,15 +122,57 @@ def test_autocast_backward_reaches_float32_parameters():
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape,dim", [((4096, 32000), 1), ((65536, 10), 1), ((64, 10), 1), ((128, 257, 9), 1)])
-def test_log_softmax_cuda_matches_native(shape, dim, dtype):
-    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+# One shape per CUDA kernel of log_softmax (csrc/ops/cuda/log_softmax_bodies.h;
+# tests/test_cuda_emulation_log_softmax.py runs their bodies on the CPU), with
+# the kernel the rule picks on sm_90 in float32 and float16; (shape, dim,
+# storage offset of the input: 1 for a view that is not 16-byte aligned).
+LOG_SOFTMAX_KERNELS = {
+    "warp-rows-short": ((64, 10), 1, 0, "warp_rows/16"),
+    "warp-rows-many": ((65536, 10), 1, 0, "warp_rows/16"),
+    "block-row-shared-above-48KB": ((4096, 32000), 1, 0, "block_row_shared"),
+    "block-row-shared-misaligned": ((4096, 32000), 1, 1, "block_row_shared"),
+    "block-row-streamed": ((64, 120000), 1, 0, "block_row_streamed"),
+    "block-row-streamed-misaligned": ((64, 120001), 1, 1, "block_row_streamed"),
+    "columns": ((132, 8, 2048), 1, 0, "columns"),
+    "columns-split-dim": ((512, 4096), 0, 0, "columns_split_dim"),
+    "columns-split-dim-few-columns": ((16, 100000, 8), 1, 0, "columns_split_dim"),
+    "columns-split-dim-misaligned": ((128, 257, 9), 1, 1, "columns_split_dim"),
+}
+
+
+def _log_softmax_input(shape, dim, offset, dtype):
+    flat = torch.randn(offset + math.prod(shape), device="cuda", dtype=dtype)
+    x = flat[offset:].view(shape)
+    outer, inner = math.prod(shape[:dim % len(shape)]), math.prod(shape[dim % len(shape) + 1:])
+    return x, (outer, shape[dim], inner)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("shape,dim,offset,kernel", LOG_SOFTMAX_KERNELS.values(), ids=LOG_SOFTMAX_KERNELS.keys())
+def test_log_softmax_cuda_matches_native(shape, dim, offset, kernel, dtype):
+    x, layout = _log_softmax_input(shape, dim, offset, dtype)
+    assert torch.ops.ptfast._cuda_log_softmax_kernel(*layout, x.element_size()) == kernel
+    x.requires_grad_()
     y, r = ptfast.log_softmax(x, dim), F.log_softmax(x, dim)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y, r, rtol=tol, atol=tol)
     g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(r, x, g)[0], rtol=tol, atol=tol)
+    got, want = torch.autograd.grad(y, x, g)[0], torch.autograd.grad(r, x, g)[0]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if x.numel() <= 1 << 24:  # the emulation runs one CPU thread: seconds beyond
+        # The kernels against their CPU emulation: the same bodies, launch
+        # shapes and combine orders; only the GPU's exp and log differ.
+        emulated = torch.ops.ptfast._cuda_emulated_log_softmax(x.detach().cpu(), dim)
+        torch.testing.assert_close(y.cpu(), emulated, rtol=tol, atol=tol)
+    assert torch.equal(ptfast.log_softmax(x, dim), y), "not deterministic"
+
+
+def test_log_softmax_backward_names_the_argument_on_the_wrong_device():
+    # The device guard comes after the argument checks: a CPU grad_output with
+    # a CUDA output is reported as such, not as a guard error.
+    y = ptfast.log_softmax(torch.randn(3, 4, device="cuda"), 1)
+    with pytest.raises(RuntimeError, match="`grad_output` is on cpu but `output` is on cuda"):
+        torch.ops.ptfast._log_softmax_backward(torch.randn(3, 4), y, 1)
 
 
 def test_log_softmax_more_than_2_31_elements():

@@ -1,365 +1,407 @@
-// CUDA kernels of log_softmax and its backward, with at::opmath_type
-// accumulation (float for half types) and 64-bit indexing.
+// CUDA kernels of log_softmax and its backward: thin shells around the
+// bodies in log_softmax_bodies.h (which describes the five kernels and the
+// rule choosing among them), with at::opmath_type accumulation (float for
+// half types) and 32-bit in-row indexing where the tensor allows.
 //
-// The tensor is viewed as (outer, dim_size, inner). Three layouts:
-//   inner == 1, dim_size <= kMaxWarpRow  a group of up to 32 lanes per row,
-//                                        several rows per warp for short rows;
-//   inner == 1, longer rows              one block per row, 16-byte loads;
-//   inner > 1                            one thread per (outer, inner) column,
-//                                        neighbouring threads on neighbouring
-//                                        columns so loads coalesce.
-// The forward reads the input once for its maximum and sum together (online
-// rescaling: s <- s * exp(m - m') + exp(x - m')), then once more to write.
+// The forward spends one exp per element on its (max, sum), computed online;
+// the block_row_shared kernels read the input (backward: grad_output) from
+// global memory once, keeping the row in shared memory for the write.
+#include "ops/cuda/log_softmax_bodies.h"
 #include "ops/log_softmax.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
-#include <limits>
 
 namespace ptfast::cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kThreads = 256;
-constexpr int64_t kMaxWarpRow = 1024;
+using namespace log_softmax;
 
-// Running (max, sum of exp(x - max)) of a set of values.
-template <typename acc_t>
-struct MaxSum {
-  acc_t max;
-  acc_t sum;
-};
+constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename acc_t>
-__device__ MaxSum<acc_t> empty_max_sum() {
-  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
-}
-
-template <typename acc_t>
-__device__ acc_t nan_max(acc_t a, acc_t b) {
-  return isnan(a) ? a : (isnan(b) ? b : (a > b ? a : b));
-}
-
-// NaN and inf behave as in native log_softmax: a NaN, or +inf (exp(inf - inf)),
-// makes the sum NaN; -inf contributes nothing.
-template <typename acc_t>
-__device__ MaxSum<acc_t> merge(MaxSum<acc_t> a, MaxSum<acc_t> b) {
-  const acc_t max = nan_max(a.max, b.max);
-  if (max == -std::numeric_limits<acc_t>::infinity()) {
-    return {max, acc_t(0)};
-  }
-  return {max, a.sum * exp(a.max - max) + b.sum * exp(b.max - max)};
-}
-
-template <typename acc_t>
-__device__ MaxSum<acc_t> add(MaxSum<acc_t> a, acc_t x) {
-  return merge(a, MaxSum<acc_t>{x, acc_t(1)});
+__device__ acc_t shuffle_xor(acc_t v, int offset, int width) {
+  return __shfl_xor_sync(kFullMask, v, offset, width);
 }
 
 template <typename acc_t>
 __device__ MaxSum<acc_t> shuffle_xor(MaxSum<acc_t> v, int offset, int width) {
-  return {__shfl_xor_sync(0xffffffffu, v.max, offset, width),
-          __shfl_xor_sync(0xffffffffu, v.sum, offset, width)};
+  return {shuffle_xor(v.max, offset, width), shuffle_xor(v.sum, offset, width)};
 }
 
-template <typename acc_t>
-__device__ acc_t group_sum(acc_t v, int width) {
+// The butterfly emulate_xor_shuffle reproduces; every lane of the warp takes
+// part (kFullMask), whatever its row.
+template <typename T, typename Combine>
+__device__ T butterfly(T value, int width, const Combine& combine) {
   for (int offset = width / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset, width);
+    value = combine(value, shuffle_xor(value, offset, width));
   }
-  return v;
+  return value;
 }
 
-template <typename acc_t>
-__device__ MaxSum<acc_t> group_max_sum(MaxSum<acc_t> v, int width) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    v = merge(v, shuffle_xor(v, offset, width));
+// The block's combination of every thread's value. `partials` is reused by
+// the caller's next row only after its closing __syncthreads().
+template <typename T, typename Combine>
+__device__ T
+block_reduce(T value, T* partials, ThreadIndex t, const Combine& combine) {
+  value = butterfly(value, kWarp, combine);
+  if (t.thread % kWarp == 0) {
+    partials[t.thread / kWarp] = value;
   }
-  return v;
+  __syncthreads();
+  return fold_partials(partials, t.threads / kWarp, combine);
 }
 
-// Rows of at most kMaxWarpRow elements: `width` lanes (a power of two <= 32)
-// per row, 32 / width rows per warp.
-template <typename scalar_t>
-__global__ void forward_rows_kernel(
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kWarpRowThreads) forward_warp_rows_kernel(
     const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-    int64_t rows, int64_t length, int width) {
+    int64_t rows, index_t length, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % width;
-  const int64_t groups_per_block = blockDim.x / width;
-  for (int64_t row = blockIdx.x * groups_per_block + threadIdx.x / width;
-       row - threadIdx.x / width < rows;
-       row += int64_t(gridDim.x) * groups_per_block) {
-    // Every lane of the warp takes part in the shuffles; rows past the end
-    // only read nothing and write nothing.
+  const ThreadIndex t = this_thread();
+  const int lane = t.thread % lanes;
+  for (int64_t first = warp_rows_first(t, lanes); first < rows;
+       first += warp_rows_stride(t, lanes)) {
+    const int64_t row = first + t.thread / lanes;
     const bool valid = row < rows;
     const scalar_t* x = input + (valid ? row : 0) * length;
-    MaxSum<acc_t> stats = empty_max_sum<acc_t>();
-    for (int64_t i = lane; valid && i < length; i += width) {
-      stats = add(stats, static_cast<acc_t>(x[i]));
-    }
-    stats = group_max_sum(stats, width);
-    const acc_t log_sum = log(stats.sum);
-    for (int64_t i = lane; valid && i < length; i += width) {
-      output[row * length + i] = static_cast<scalar_t>(
-          static_cast<acc_t>(x[i]) - stats.max - log_sum);
+    MaxSum<acc_t> s = valid
+                          ? share_max_sum<false, false>(x, length, lane, lanes)
+                          : empty_max_sum<acc_t>();
+    s = butterfly(s, lanes, MergeMaxSum{});
+    if (valid) {
+      write_share<false>(
+          x, output + row * length, length, lane, lanes,
+          ForwardOutput<acc_t>(s));
     }
   }
 }
 
-template <typename scalar_t>
-__global__ void backward_rows_kernel(
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kWarpRowThreads) backward_warp_rows_kernel(
     const scalar_t* __restrict__ grad_output,
     const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_input,
-    int64_t rows, int64_t length, int width) {
+    int64_t rows, index_t length, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % width;
-  const int64_t groups_per_block = blockDim.x / width;
-  for (int64_t row = blockIdx.x * groups_per_block + threadIdx.x / width;
-       row - threadIdx.x / width < rows;
-       row += int64_t(gridDim.x) * groups_per_block) {
+  const ThreadIndex t = this_thread();
+  const int lane = t.thread % lanes;
+  for (int64_t first = warp_rows_first(t, lanes); first < rows;
+       first += warp_rows_stride(t, lanes)) {
+    const int64_t row = first + t.thread / lanes;
     const bool valid = row < rows;
     const int64_t offset = (valid ? row : 0) * length;
-    acc_t sum = 0;
-    for (int64_t i = lane; valid && i < length; i += width) {
-      sum += static_cast<acc_t>(grad_output[offset + i]);
-    }
-    sum = group_sum(sum, width);
-    for (int64_t i = lane; valid && i < length; i += width) {
-      grad_input[offset + i] = static_cast<scalar_t>(
-          static_cast<acc_t>(grad_output[offset + i]) -
-          exp(static_cast<acc_t>(output[offset + i])) * sum);
-    }
-  }
-}
-
-// Calls fn(i, value) for the row's elements this thread owns, with 16-byte
-// loads over the aligned middle of the row.
-template <typename scalar_t, typename Fn>
-__device__ void for_each_owned(const scalar_t* row, int64_t length, const Fn& fn) {
-  constexpr int kPack = 16 / sizeof(scalar_t);
-  struct alignas(16) Pack {
-    scalar_t v[kPack];
-  };
-  const int64_t misaligned =
-      (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(scalar_t);
-  const int64_t head =
-      misaligned == 0 ? 0 : std::min<int64_t>(kPack - misaligned, length);
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-    fn(i, row[i]);
-  }
-  const int64_t packs = (length - head) / kPack;
-  const Pack* body = reinterpret_cast<const Pack*>(row + head);
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    const Pack pack = body[p];
-#pragma unroll
-    for (int k = 0; k < kPack; ++k) {
-      fn(head + p * kPack + k, pack.v[k]);
+    acc_t sum = valid ? share_sum<false, false>(
+                            grad_output + offset, length, lane, lanes)
+                      : acc_t(0);
+    sum = butterfly(sum, lanes, Add{});
+    if (valid) {
+      write_share<false>(
+          grad_output + offset, output + offset, grad_input + offset, length,
+          lane, lanes, BackwardGradInput<acc_t>{sum});
     }
   }
-  for (int64_t i = head + packs * kPack + threadIdx.x; i < length;
-       i += blockDim.x) {
-    fn(i, row[i]);
-  }
 }
 
-template <typename acc_t>
-__device__ MaxSum<acc_t> block_max_sum(MaxSum<acc_t> value) {
-  __shared__ MaxSum<acc_t> partial[kThreads / kWarp];
-  value = group_max_sum(value, kWarp);
-  if (threadIdx.x % kWarp == 0) {
-    partial[threadIdx.x / kWarp] = value;
-  }
-  __syncthreads();
-  value = partial[0];
-  for (int w = 1; w < kThreads / kWarp; ++w) {
-    value = merge(value, partial[w]);
-  }
-  __syncthreads();
-  return value;
-}
-
-template <typename acc_t>
-__device__ acc_t block_total(acc_t value) {
-  __shared__ acc_t partial[kThreads / kWarp];
-  value = group_sum(value, kWarp);
-  if (threadIdx.x % kWarp == 0) {
-    partial[threadIdx.x / kWarp] = value;
-  }
-  __syncthreads();
-  value = partial[0];
-  for (int w = 1; w < kThreads / kWarp; ++w) {
-    value += partial[w];
-  }
-  __syncthreads();
-  return value;
-}
-
+// The row copy of the block_row_shared kernels (16-byte aligned for packs).
 template <typename scalar_t>
-__global__ void forward_long_rows_kernel(
+__device__ scalar_t* dynamic_row_copy() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  return reinterpret_cast<scalar_t*>(dynamic_shared);
+}
+
+template <typename scalar_t, typename index_t, bool kVector, bool kShared>
+__global__ void __launch_bounds__(kMaxThreads) forward_block_row_kernel(
     const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-    int64_t rows, int64_t length) {
+    int64_t rows, index_t length) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  __shared__ MaxSum<acc_t> partials[kMaxThreads / kWarp];
+  scalar_t* copy = kShared ? dynamic_row_copy<scalar_t>() : nullptr;
+  const ThreadIndex t = this_thread();
+  for (int64_t row = t.block; row < rows; row += t.blocks) {
     const scalar_t* x = input + row * length;
-    MaxSum<acc_t> stats = empty_max_sum<acc_t>();
-    for_each_owned(x, length, [&](int64_t, scalar_t v) {
-      stats = add(stats, static_cast<acc_t>(v));
-    });
-    stats = block_max_sum(stats);
-    const acc_t log_sum = log(stats.sum);
-    scalar_t* y = output + row * length;
-    for_each_owned(x, length, [&](int64_t i, scalar_t v) {
-      y[i] = static_cast<scalar_t>(static_cast<acc_t>(v) - stats.max - log_sum);
-    });
+    const MaxSum<acc_t> s = block_reduce(
+        share_max_sum<kVector, kShared>(x, length, t.thread, t.threads, copy),
+        partials, t, MergeMaxSum{});
+    // Each thread writes the elements it copied itself (the same share), so
+    // the copy needs no barrier of its own.
+    write_share<kVector>(
+        kShared ? copy : x, output + row * length, length, t.thread, t.threads,
+        ForwardOutput<acc_t>(s));
+    __syncthreads();  // partials are overwritten by the next row
   }
 }
 
-template <typename scalar_t>
-__global__ void backward_long_rows_kernel(
+template <typename scalar_t, typename index_t, bool kVector, bool kShared>
+__global__ void __launch_bounds__(kMaxThreads) backward_block_row_kernel(
     const scalar_t* __restrict__ grad_output,
     const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_input,
-    int64_t rows, int64_t length) {
+    int64_t rows, index_t length) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const scalar_t* dy = grad_output + row * length;
-    const scalar_t* y = output + row * length;
-    acc_t sum = 0;
-    for_each_owned(dy, length, [&](int64_t, scalar_t v) {
-      sum += static_cast<acc_t>(v);
-    });
-    sum = block_total(sum);
-    scalar_t* dx = grad_input + row * length;
-    for_each_owned(dy, length, [&](int64_t i, scalar_t v) {
-      dx[i] = static_cast<scalar_t>(
-          static_cast<acc_t>(v) - exp(static_cast<acc_t>(y[i])) * sum);
-    });
+  __shared__ acc_t partials[kMaxThreads / kWarp];
+  scalar_t* copy = kShared ? dynamic_row_copy<scalar_t>() : nullptr;
+  const ThreadIndex t = this_thread();
+  for (int64_t row = t.block; row < rows; row += t.blocks) {
+    const int64_t offset = row * length;
+    const acc_t sum = block_reduce(
+        share_sum<kVector, kShared>(
+            grad_output + offset, length, t.thread, t.threads, copy),
+        partials, t, Add{});
+    write_share<kVector>(
+        kShared ? copy : grad_output + offset, output + offset,
+        grad_input + offset, length, t.thread, t.threads,
+        BackwardGradInput<acc_t>{sum});
+    __syncthreads();  // partials are overwritten by the next row
   }
 }
 
-template <typename scalar_t>
-__global__ void forward_inner_kernel(
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kColumnThreads) forward_columns_kernel(
     const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
     ops::LogSoftmaxLayout l) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-       column < l.outer * l.inner;
-       column += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t base =
-        (column / l.inner) * l.dim_size * l.inner + column % l.inner;
-    MaxSum<acc_t> stats = empty_max_sum<acc_t>();
-    for (int64_t d = 0; d < l.dim_size; ++d) {
-      stats = add(stats, static_cast<acc_t>(input[base + d * l.inner]));
-    }
-    const acc_t log_sum = log(stats.sum);
-    for (int64_t d = 0; d < l.dim_size; ++d) {
-      const int64_t at = base + d * l.inner;
-      output[at] = static_cast<scalar_t>(
-          static_cast<acc_t>(input[at]) - stats.max - log_sum);
-    }
+  const ThreadIndex t = this_thread();
+  const index_t dim_size = l.dim_size, inner = l.inner;
+  for (int64_t column = t.global(); column < l.outer * l.inner;
+       column += t.grid_threads()) {
+    const int64_t start = column_start(l, column);
+    const MaxSum<acc_t> s =
+        column_max_sum(input + start, dim_size, inner, index_t(0), index_t(1));
+    write_column(
+        input + start, output + start, dim_size, inner, index_t(0), index_t(1),
+        ForwardOutput<acc_t>(s));
   }
 }
 
-template <typename scalar_t>
-__global__ void backward_inner_kernel(
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kColumnThreads) backward_columns_kernel(
     const scalar_t* __restrict__ grad_output,
     const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_input,
     ops::LogSoftmaxLayout l) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t column = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-       column < l.outer * l.inner;
-       column += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t base =
-        (column / l.inner) * l.dim_size * l.inner + column % l.inner;
-    acc_t sum = 0;
-    for (int64_t d = 0; d < l.dim_size; ++d) {
-      sum += static_cast<acc_t>(grad_output[base + d * l.inner]);
-    }
-    for (int64_t d = 0; d < l.dim_size; ++d) {
-      const int64_t at = base + d * l.inner;
-      grad_input[at] = static_cast<scalar_t>(
-          static_cast<acc_t>(grad_output[at]) -
-          exp(static_cast<acc_t>(output[at])) * sum);
-    }
+  const ThreadIndex t = this_thread();
+  const index_t dim_size = l.dim_size, inner = l.inner;
+  for (int64_t column = t.global(); column < l.outer * l.inner;
+       column += t.grid_threads()) {
+    const int64_t start = column_start(l, column);
+    const acc_t sum = column_sum(
+        grad_output + start, dim_size, inner, index_t(0), index_t(1));
+    write_column(
+        grad_output + start, output + start, grad_input + start, dim_size,
+        inner, index_t(0), index_t(1), BackwardGradInput<acc_t>{sum});
   }
 }
 
-int lanes_per_row(int64_t length) {
-  int width = 1;
-  while (width < kWarp && width < length) {
-    width *= 2;
+// The tree over a tile's slices (combine_slices_step), a barrier after each
+// step; returns the thread's column's total, read from slice 0.
+template <typename T, typename Combine>
+__device__ T combine_slices(
+    T value, T* shared, int thread, int block_columns, int dim_slices,
+    const Combine& combine) {
+  shared[thread] = value;
+  __syncthreads();
+  for (int half = dim_slices / 2; half > 0; half /= 2) {
+    combine_slices_step(shared, thread, block_columns, half, combine);
+    __syncthreads();
   }
-  return width;
+  return shared[thread % block_columns];
 }
 
-int64_t grid_for(int64_t items, int64_t per_block) {
-  return std::max<int64_t>(
-      1, std::min<int64_t>((items + per_block - 1) / per_block, 1 << 20));
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMaxThreads) forward_columns_split_dim_kernel(
+    const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
+    ops::LogSoftmaxLayout l, int block_columns, int dim_slices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ MaxSum<acc_t> slices[kMaxThreads];
+  const ThreadIndex t = this_thread();
+  const index_t dim_size = l.dim_size, inner = l.inner;
+  const int64_t tiles = split_tiles(l, block_columns);
+  for (int64_t tile = t.block; tile < tiles; tile += t.blocks) {
+    const SplitColumn c = split_column(l, block_columns, tile, t.thread);
+    const MaxSum<acc_t> mine = c.valid
+                                   ? column_max_sum(
+                                         input + c.start, dim_size, inner,
+                                         index_t(c.slice), index_t(dim_slices))
+                                   : empty_max_sum<acc_t>();
+    const MaxSum<acc_t> s = combine_slices(
+        mine, slices, t.thread, block_columns, dim_slices, MergeMaxSum{});
+    if (c.valid) {
+      write_column(
+          input + c.start, output + c.start, dim_size, inner, index_t(c.slice),
+          index_t(dim_slices), ForwardOutput<acc_t>(s));
+    }
+    __syncthreads();  // slices are overwritten by the next tile
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_columns_split_dim_kernel(
+        const scalar_t* __restrict__ grad_output,
+        const scalar_t* __restrict__ output, scalar_t* __restrict__ grad_input,
+        ops::LogSoftmaxLayout l, int block_columns, int dim_slices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t slices[kMaxThreads];
+  const ThreadIndex t = this_thread();
+  const index_t dim_size = l.dim_size, inner = l.inner;
+  const int64_t tiles = split_tiles(l, block_columns);
+  for (int64_t tile = t.block; tile < tiles; tile += t.blocks) {
+    const SplitColumn c = split_column(l, block_columns, tile, t.thread);
+    const acc_t mine = c.valid ? column_sum(
+                                     grad_output + c.start, dim_size, inner,
+                                     index_t(c.slice), index_t(dim_slices))
+                               : acc_t(0);
+    const acc_t sum = combine_slices(
+        mine, slices, t.thread, block_columns, dim_slices, Add{});
+    if (c.valid) {
+      write_column(
+          grad_output + c.start, output + c.start, grad_input + c.start,
+          dim_size, inner, index_t(c.slice), index_t(dim_slices),
+          BackwardGradInput<acc_t>{sum});
+    }
+    __syncthreads();  // slices are overwritten by the next tile
+  }
+}
+
+// What plan_launch needs to know of `device`.
+Device device_limits(c10::DeviceIndex device) {
+  int multiprocessors = 0, max_shared_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &multiprocessors, cudaDevAttrMultiProcessorCount,
+      static_cast<int>(device)));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+      static_cast<int>(device)));
+  return {multiprocessors, max_shared_bytes};
+}
+
+// Launches a block_row kernel, opting in to more than the default 48 KB of
+// dynamic shared memory when its row copy needs it.
+template <typename KernelFn, typename... Args>
+void launch_block_row(
+    KernelFn kernel, const LaunchPlan& plan, cudaStream_t stream,
+    Args... args) {
+  if (plan.shared_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(plan.shared_bytes)));
+  }
+  kernel<<<plan.blocks, plan.threads, plan.shared_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor log_softmax_cuda(const at::Tensor& self, int64_t dim) {
-  const c10::cuda::CUDAGuard device_guard(self.device());
   const auto t = ops::prepare_log_softmax(self, dim);
-  if (t.input.numel() == 0) {
+  const ops::LogSoftmaxLayout& l = t.layout;
+  const c10::cuda::CUDAGuard device_guard(t.input.device());
+  const LaunchPlan plan = plan_launch(
+      l, t.input.element_size(), device_limits(t.input.device().index()));
+  if (plan.kernel == Kernel::kNone) {
     return t.output;
   }
-  const ops::LogSoftmaxLayout& l = t.layout;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(), "log_softmax_cuda", [&] {
         const scalar_t* x = t.input.const_data_ptr<scalar_t>();
         scalar_t* y = t.output.mutable_data_ptr<scalar_t>();
-        if (l.inner > 1) {
-          forward_inner_kernel<<<grid_for(l.outer * l.inner, kThreads),
-                                 kThreads, 0, stream>>>(x, y, l);
-        } else if (l.dim_size <= kMaxWarpRow) {
-          const int width = lanes_per_row(l.dim_size);
-          forward_rows_kernel<<<grid_for(l.outer, kThreads / width), kThreads,
-                                0, stream>>>(
-              x, y, l.outer, l.dim_size, width);
-        } else {
-          forward_long_rows_kernel<<<grid_for(l.outer, 1), kThreads, 0,
-                                     stream>>>(x, y, l.outer, l.dim_size);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_index_type(t.input.numel(), [&](auto index) {
+          using index_t = decltype(index);
+          switch (plan.kernel) {
+            case Kernel::kWarpRows:
+              forward_warp_rows_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(
+                      x, y, l.outer, index_t(l.dim_size), plan.row_lanes);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kBlockRowShared:
+            case Kernel::kBlockRowStreamed:
+              with_block_row_flags(
+                  use_vector_access({x, y}, l.dim_size, sizeof(scalar_t)), plan,
+                  [&](auto vector, auto shared) {
+                    launch_block_row(
+                        forward_block_row_kernel<
+                            scalar_t, index_t, decltype(vector)::value,
+                            decltype(shared)::value>,
+                        plan, stream, x, y, l.outer, index_t(l.dim_size));
+                  });
+              break;
+            case Kernel::kColumns:
+              forward_columns_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(x, y, l);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kColumnsSplitDim:
+              forward_columns_split_dim_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(
+                      x, y, l, plan.block_columns, plan.dim_slices);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kNone:
+              break;
+          }
+        });
       });
   return t.output;
 }
 
 at::Tensor log_softmax_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& output, int64_t dim) {
-  const c10::cuda::CUDAGuard device_guard(output.device());
   const auto t = ops::prepare_log_softmax_backward(grad_output, output, dim);
-  if (t.output.numel() == 0) {
+  const ops::LogSoftmaxLayout& l = t.layout;
+  const c10::cuda::CUDAGuard device_guard(t.output.device());
+  const LaunchPlan plan = plan_launch(
+      l, t.output.element_size(), device_limits(t.output.device().index()));
+  if (plan.kernel == Kernel::kNone) {
     return t.grad_input;
   }
-  const ops::LogSoftmaxLayout& l = t.layout;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.output.scalar_type(),
       "log_softmax_backward_cuda", [&] {
         const scalar_t* dy = t.grad_output.const_data_ptr<scalar_t>();
         const scalar_t* y = t.output.const_data_ptr<scalar_t>();
         scalar_t* dx = t.grad_input.mutable_data_ptr<scalar_t>();
-        if (l.inner > 1) {
-          backward_inner_kernel<<<grid_for(l.outer * l.inner, kThreads),
-                                  kThreads, 0, stream>>>(dy, y, dx, l);
-        } else if (l.dim_size <= kMaxWarpRow) {
-          const int width = lanes_per_row(l.dim_size);
-          backward_rows_kernel<<<grid_for(l.outer, kThreads / width), kThreads,
-                                 0, stream>>>(
-              dy, y, dx, l.outer, l.dim_size, width);
-        } else {
-          backward_long_rows_kernel<<<grid_for(l.outer, 1), kThreads, 0,
-                                      stream>>>(dy, y, dx, l.outer, l.dim_size);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_index_type(t.output.numel(), [&](auto index) {
+          using index_t = decltype(index);
+          switch (plan.kernel) {
+            case Kernel::kWarpRows:
+              backward_warp_rows_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(
+                      dy, y, dx, l.outer, index_t(l.dim_size), plan.row_lanes);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kBlockRowShared:
+            case Kernel::kBlockRowStreamed:
+              with_block_row_flags(
+                  use_vector_access({dy, y, dx}, l.dim_size, sizeof(scalar_t)),
+                  plan, [&](auto vector, auto shared) {
+                    launch_block_row(
+                        backward_block_row_kernel<
+                            scalar_t, index_t, decltype(vector)::value,
+                            decltype(shared)::value>,
+                        plan, stream, dy, y, dx, l.outer, index_t(l.dim_size));
+                  });
+              break;
+            case Kernel::kColumns:
+              backward_columns_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(dy, y, dx, l);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kColumnsSplitDim:
+              backward_columns_split_dim_kernel<scalar_t, index_t>
+                  <<<plan.blocks, plan.threads, 0, stream>>>(
+                      dy, y, dx, l, plan.block_columns, plan.dim_slices);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              break;
+            case Kernel::kNone:
+              break;
+          }
+        });
       });
   return t.grad_input;
 }
