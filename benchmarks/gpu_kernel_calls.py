@@ -35,7 +35,8 @@ def _block_calls_on_the_current_path(dtype: torch.dtype) -> None:
 
 
 def log_softmax_calls(dtype: torch.dtype) -> None:
-    for shape, dim in [((37, 10), 1), ((5, 3000), 1), ((4, 33, 5), 1)]:
+    # warp_rows, block_row_shared, block_row_streamed (a 280 KB float32 row), columns_split_dim, columns
+    for shape, dim in [((37, 10), 1), ((5, 3000), 1), ((2, 70000), 1), ((4, 33, 5), 1), ((256, 8, 2048), 1)]:
         x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
         ptfast.log_softmax(x, dim).sum().backward()
 
