@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ptfast
-from common_utils import block_inputs, make_data, native_block
-from test_conv2d_relu_max_pool2d import BASE, GRID
+from common_utils import GRID, block_inputs, grid_inputs, make_data, native_block
 from tutorial import Net
 
 HALF = [torch.bfloat16, torch.float16]
@@ -51,12 +50,10 @@ def _assert_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
 @pytest.mark.parametrize("path", ["direct", "vendor"])
 @pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
 def test_block_matches_native_exactly(shape, kwargs, half, path):
-    cfg = {**BASE, **shape}
-    x, w, b = block_inputs(cfg["n"], cfg["c"], cfg["oc"], cfg["h"], cfg["w"], cfg["kernel"], cfg["groups"],
-                           cfg["bias"], torch.float32)
+    x, w, b = grid_inputs(shape, torch.float32)
     x, w = (t.detach().to(half).requires_grad_() for t in (x, w))
     b = b.detach().to(half).requires_grad_() if b is not None else None
-    kwargs = {**kwargs, "groups": cfg["groups"]}
+    kwargs = {**kwargs, "groups": shape.get("groups", 1)}
     with ptfast.backends.cpu.flags(conv_block=path):
         out = ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs)
         ref = native_block(x, w, b, **kwargs)

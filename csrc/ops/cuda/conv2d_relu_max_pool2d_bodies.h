@@ -18,7 +18,10 @@
 //   direct_forward_tiled  the direct forward for 2x2 and 3x3 pooling, a
 //                  block per tile of pooled outputs with its input and
 //                  weights staged in shared memory (three phases, below).
-// Items run in the memory order of the tensor they write (NCHW or
+// The first three are one item per thread in a grid-stride loop, their
+// bodies one overload set, compute_item(args, item), picked by the type of
+// the arguments, so that one kernel template and one emulated loop run all
+// three. Items run in the memory order of the tensor they write (NCHW or
 // channels-last), so neighbouring threads write neighbouring addresses.
 // Index arithmetic runs in index_t: int32_t whenever every tensor of the
 // call has fewer than 2^31 elements (32-bit division is several times
@@ -160,7 +163,7 @@ struct EpilogueArgs {
 };
 
 template <typename scalar_t, typename code_t, typename index_t>
-C10_HOST_DEVICE inline void epilogue_item(
+C10_HOST_DEVICE inline void compute_item(
     const EpilogueArgs<scalar_t, code_t, index_t>& a, index_t item) {
   using acc_t = at::opmath_type<scalar_t>;
   const Pool<index_t>& g = a.pool;
@@ -222,7 +225,7 @@ C10_HOST_DEVICE inline void windows_containing(
 }
 
 template <typename scalar_t, typename code_t, typename index_t>
-C10_HOST_DEVICE inline void conv_gradient_item(
+C10_HOST_DEVICE inline void compute_item(
     const ConvGradientArgs<scalar_t, code_t, index_t>& a, index_t item) {
   using acc_t = at::opmath_type<scalar_t>;
   const Pool<index_t>& g = a.pool;
@@ -300,7 +303,7 @@ C10_HOST_DEVICE inline acc_t direct_conv_at(
 }
 
 template <typename scalar_t, typename code_t, typename index_t>
-C10_HOST_DEVICE inline void direct_forward_item(
+C10_HOST_DEVICE inline void compute_item(
     const DirectForwardArgs<scalar_t, code_t, index_t>& a, index_t item) {
   using acc_t = at::opmath_type<scalar_t>;
   const Pool<index_t>& g = a.pool;

@@ -6,11 +6,11 @@
 // .cu with them launched on the GPU. A Launch is constructed from the call's
 // input after the argument checks (the GPU one holds the device guard) and
 // provides
-//   template <scalar_t, code_t, index_t> void epilogue(args, items) const;
-//   template <scalar_t, code_t, index_t> void conv_gradient(args, items) const;
-//   template <scalar_t, code_t, index_t> void direct_forward(args, items)
-//   const; template <scalar_t, PKH, PKW, KH, KW> void
-//   direct_forward_tiled(args, TiledLaunchShape) const;
+//   items(args, items): a grid-stride launch of compute_item(args, item)
+//     over [0, items), for the epilogue, conv_gradient and direct_forward
+//     bodies (template <typename Args, typename index_t>);
+//   direct_forward_tiled<scalar_t, PKH, PKW, KH, KW>(args, TiledLaunchShape):
+//     the tiled direct forward, one block per tile.
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
@@ -98,8 +98,7 @@ void vendor_forward(const ops::ForwardTensors& t, const Launch& launch) {
                 static_cast<index_t>(s.conv_w),
                 make_pool<index_t>(ops::pool_geometry(s, p)),
                 is_channels_last(t.output)};
-            launch.template epilogue<scalar_t, code_t, index_t>(
-                args, static_cast<index_t>(t.output.numel()));
+            launch.items(args, static_cast<index_t>(t.output.numel()));
           });
         });
       });
@@ -264,7 +263,7 @@ void direct_forward(const ops::ForwardTensors& t, const Launch& launch) {
               {t.input.numel(), t.output.numel(), t.weight.numel()},
               [&](auto index) {
                 using index_t = decltype(index);
-                launch.template direct_forward<scalar_t, code_t, index_t>(
+                launch.items(
                     make_direct_forward_args<scalar_t, code_t, index_t>(t),
                     static_cast<index_t>(t.output.numel()));
               });
@@ -355,8 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                 static_cast<index_t>(s.conv_w),
                 make_pool<index_t>(ops::pool_geometry(s, p)),
                 is_channels_last(grad_conv)};
-            launch.template conv_gradient<scalar_t, code_t, index_t>(
-                args, static_cast<index_t>(grad_conv.numel()));
+            launch.items(args, static_cast<index_t>(grad_conv.numel()));
           });
         });
       });

@@ -23,28 +23,13 @@ namespace cb = conv_block;
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, typename code_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) epilogue_kernel(
-    const cb::EpilogueArgs<scalar_t, code_t, index_t> args, index_t items) {
+// The grid-stride kernel of the one-item-per-thread bodies (epilogue,
+// conv_gradient, direct_forward), picked by the arguments' type.
+template <typename Args, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    items_kernel(const Args args, index_t items) {
   cb::for_each_item(this_thread(), items, [&](index_t item) {
-    cb::epilogue_item(args, item);
-  });
-}
-
-template <typename scalar_t, typename code_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) conv_gradient_kernel(
-    const cb::ConvGradientArgs<scalar_t, code_t, index_t> args, index_t items) {
-  cb::for_each_item(this_thread(), items, [&](index_t item) {
-    cb::conv_gradient_item(args, item);
-  });
-}
-
-template <typename scalar_t, typename code_t, typename index_t>
-__global__ void __launch_bounds__(kThreads) direct_forward_kernel(
-    const cb::DirectForwardArgs<scalar_t, code_t, index_t> args,
-    index_t items) {
-  cb::for_each_item(this_thread(), items, [&](index_t item) {
-    cb::direct_forward_item(args, item);
+    cb::compute_item(args, item);
   });
 }
 
@@ -81,30 +66,10 @@ class GpuLaunch {
   explicit GpuLaunch(const at::Tensor& input)
       : guard_(input.device()), stream_(c10::cuda::getCurrentCUDAStream()) {}
 
-  template <typename scalar_t, typename code_t, typename index_t>
-  void epilogue(
-      const cb::EpilogueArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    epilogue_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream_>>>(
+  template <typename Args, typename index_t>
+  void items(const Args& args, index_t items) const {
+    items_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream_>>>(
         args, items);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  template <typename scalar_t, typename code_t, typename index_t>
-  void conv_gradient(
-      const cb::ConvGradientArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    conv_gradient_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream_>>>(
-        args, items);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  template <typename scalar_t, typename code_t, typename index_t>
-  void direct_forward(
-      const cb::DirectForwardArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    direct_forward_kernel<<<
-        blocks_for(items, kThreads), kThreads, 0, stream_>>>(args, items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

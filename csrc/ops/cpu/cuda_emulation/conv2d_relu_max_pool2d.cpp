@@ -30,25 +30,13 @@ class EmulatedLaunch {
  public:
   explicit EmulatedLaunch(const at::Tensor& /*input*/) {}
 
-  template <typename scalar_t, typename code_t, typename index_t>
-  void epilogue(
-      const cb::EpilogueArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    run(items, [&](index_t item) { cb::epilogue_item(args, item); });
-  }
-
-  template <typename scalar_t, typename code_t, typename index_t>
-  void conv_gradient(
-      const cb::ConvGradientArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    run(items, [&](index_t item) { cb::conv_gradient_item(args, item); });
-  }
-
-  template <typename scalar_t, typename code_t, typename index_t>
-  void direct_forward(
-      const cb::DirectForwardArgs<scalar_t, code_t, index_t>& args,
-      index_t items) const {
-    run(items, [&](index_t item) { cb::direct_forward_item(args, item); });
+  // items_kernel: the grid-stride loop over every thread of the launch.
+  template <typename Args, typename index_t>
+  void items(const Args& args, index_t items) const {
+    emulate_launch(blocks_for(items, kThreads), kThreads, [&](ThreadIndex t) {
+      cb::for_each_item(
+          t, items, [&](index_t item) { cb::compute_item(args, item); });
+    });
   }
 
   // Phase by phase, as direct_forward_tiled_kernel runs them between its
@@ -82,14 +70,6 @@ class EmulatedLaunch {
         cb::finish_tile(args, tile, t, sums[t.thread]);
       });
     }
-  }
-
- private:
-  template <typename index_t, typename Body>
-  static void run(index_t items, const Body& body) {
-    emulate_launch(blocks_for(items, kThreads), kThreads, [&](ThreadIndex t) {
-      cb::for_each_item(t, items, body);
-    });
   }
 };
 
