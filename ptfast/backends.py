@@ -14,9 +14,9 @@ device:
   conv-output gradient from the codes; fastest where channel counts are
   large (AlexNet, VGG), and never slower than native by construction.
 - ``"auto"`` (the default): on the CPU a measured rule chooses per call from
-  the shapes, for the forward and the backward apart (see README, "Which path
-  serves a block"); on CUDA the vendor path serves every call until a GPU
-  measurement shows where the direct forward wins.
+  the shapes, for the forward and the backward apart; on CUDA the vendor path
+  serves every call until a GPU measurement shows where the direct forward
+  wins (README, "Which path serves a block").
 
 Both paths save the same tensors for backward and agree with native PyTorch
 as closely as each other. The environment variables ``PTFAST_CPU_CONV_BLOCK``
