@@ -41,7 +41,8 @@ def test_matches_native(shape, dim, dtype, device):
 # block on AVX-512 float32, a partial last block); longer rows along their length; a non-last
 # dim with fewer inner positions than a vector, transposed to rows by copies
 # (inner < 4) or register transposes, in chunks of slices or a slice larger
-# than a chunk; and vectors of inner positions.
+# than a chunk, or (short dims) reduced along dim through spread maxima and
+# sums, one chunk or several; and vectors of inner positions.
 PATHS = {
     "rows-of-one": ((37, 1), 1),
     "rows-shorter-than-a-vector": ((300, 3), 1),
@@ -49,7 +50,9 @@ PATHS = {
     "rows-across-full-blocks": ((32, 31), 1),
     "rows-along": ((9, 40), 1),
     "transposed-copies": ((7, 10, 2), 1),
-    "transposed-registers": ((17, 10, 15), 1),
+    "transposed-registers": ((17, 40, 15), 1),
+    "along-dim-spread": ((17, 10, 15), 1),
+    "along-dim-spread-chunks": ((700, 5, 7), 1),
     "transposed-large-slice": ((2, 5000, 3), 1),
     "inner-vectors": ((3, 7, 40), 1),
 }
