@@ -146,7 +146,6 @@ C10_HOST_DEVICE inline void write_pooled(
   }
 }
 
-// ---------------------------------------------------------------------------
 // epilogue: the vendor path's ReLU + pooling, one item per pooled output.
 
 template <typename scalar_t, typename code_t, typename index_t>
@@ -193,7 +192,6 @@ C10_HOST_DEVICE inline void compute_item(
                          : a.codes + a.code_strides.offset(p.n, p.c, p.h, p.w));
 }
 
-// ---------------------------------------------------------------------------
 // conv_gradient: the dense conv-output gradient, one item per conv output.
 
 template <typename scalar_t, typename code_t, typename index_t>
@@ -256,7 +254,6 @@ C10_HOST_DEVICE inline void compute_item(
       static_cast<scalar_t>(sum);
 }
 
-// ---------------------------------------------------------------------------
 // direct_forward: the direct path, one item per pooled output of a
 // contiguous (NCHW) output; input and weight contiguous.
 
@@ -331,7 +328,6 @@ C10_HOST_DEVICE inline void compute_item(
       a.codes == nullptr ? static_cast<code_t*>(nullptr) : a.codes + item);
 }
 
-// ---------------------------------------------------------------------------
 // direct_forward_tiled: the direct path for 2x2 and 3x3 pooling windows. A
 // block computes a tile of pooled outputs (one thread each) for
 // kTiledChannels output channels of one group of one image. Per input
