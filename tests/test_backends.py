@@ -146,19 +146,24 @@ def test_auto_runs_the_paths_the_rule_names(channels, pool, expected):
     assert not all(torch.equal(a, e) for a, e in zip(auto[1:], results["vendor" if backward == "direct" else "direct"][1:]))
 
 
+@pytest.mark.parametrize("path", ["direct", "vendor"])
 @pytest.mark.parametrize("kwargs,bad_code", [
     ({}, 5),  # a 2x2 window has codes 1..4
+    ({}, 255),
     (dict(pool_kernel_size=3, pool_stride=2, ceil_mode=True), 9),  # the last window's third column lies past the plane
-], ids=["beyond_the_window", "outside_the_conv_output"])
-def test_vendor_backward_rejects_codes_that_name_no_tap(kwargs, bad_code):
-    x, w, b = block_inputs(1, 2, 3, 8, 8, 3, 1, True, torch.float64)
+    (dict(pool_kernel_size=16, pool_stride=1), -3),  # 256 taps: int32 codes
+], ids=["beyond_the_window", "far_beyond", "outside_the_conv_output", "negative_int32"])
+def test_backward_rejects_codes_that_name_no_tap(kwargs, bad_code, path):
+    """Both paths index by the codes: a corrupt one (the raw op) is an error, never an out-of-bounds access."""
+    x, w, b = block_inputs(1, 2, 3, 18, 18, 3, 1, True, torch.float64)
     kw = dict(pool_kernel_size=2, pool_stride=None, ceil_mode=False) | kwargs
     pool = [kw["pool_kernel_size"]] * 2
     args = ([1, 1], [0, 0], [1, 1], 1, pool, [kw["pool_stride"] or kw["pool_kernel_size"]] * 2, [0, 0], kw["ceil_mode"])
     out, codes = torch.ops.ptfast._conv2d_relu_max_pool2d_with_codes(x.detach(), w.detach(), b.detach(), *args)
+    assert codes.dtype == (torch.int32 if bad_code < 0 else torch.uint8)
     codes = codes.clone()
     codes[0, 0, -1, -1] = bad_code
-    with cpu.flags(conv_block="vendor"), pytest.raises(RuntimeError, match="`codes` holds a code"):
+    with cpu.flags(conv_block=path), pytest.raises(RuntimeError, match="`codes` holds a code"):
         torch.ops.ptfast._conv2d_relu_max_pool2d_backward(
             torch.ones_like(out), x.detach(), w.detach(), codes, *args, [True, True, True]
         )

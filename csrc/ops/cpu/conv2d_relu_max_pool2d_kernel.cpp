@@ -22,7 +22,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -45,16 +44,17 @@ at::Tensor conv_positions_without_gradient(
   const at::Tensor code = codes.to(at::kLong);
   const at::Tensor position = (code - 1).clamp_min(0);
   const auto options = code.options();
-  const at::Tensor oh = at::arange(s.pooled_h, options).view({1, 1, -1, 1}) *
-          p.pool_stride[0] -
+  const at::Tensor oh =
+      at::arange(s.pooled_h, options).view({1, 1, -1, 1}) * p.pool_stride[0] -
       p.pool_padding[0] + position.div(p.pool_kernel[1], "floor");
-  const at::Tensor ow = at::arange(s.pooled_w, options).view({1, 1, 1, -1}) *
-          p.pool_stride[1] -
+  const at::Tensor ow =
+      at::arange(s.pooled_w, options).view({1, 1, 1, -1}) * p.pool_stride[1] -
       p.pool_padding[1] + position.remainder(p.pool_kernel[1]);
   const int64_t positions = s.conv_h * s.conv_w;
   // Windows without gradient scatter into one extra, discarded slot.
-  const at::Tensor index = (oh * s.conv_w + ow)
-                               .masked_fill(code == geometry::kNoGradient, positions);
+  const at::Tensor index =
+      (oh * s.conv_w + ow)
+          .masked_fill(code == geometry::kNoGradient, positions);
   at::Tensor has_gradient = at::zeros(
       {s.batch, s.out_channels, positions + 1}, options.dtype(at::kBool));
   has_gradient.scatter_(2, index.flatten(2), true);
@@ -188,9 +188,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
 // output's gradient at its window's arg-max, zero elsewhere (and wherever
 // the code says ReLU blocked the window). Overlapping windows add in pooled
 // row-major order, the order of max_pool2d's own backward, so the sums are
-// bitwise the native ones. Codes that do not name a tap of their window
-// inside the conv plane (only a caller of the raw op can pass those) raise
-// an error instead of writing out of bounds.
+// bitwise the native ones. The codes were checked to name taps inside the
+// conv plane (check_codes_name_taps).
 //
 // The three tensors share native's memory format but are read and written by
 // their own strides, so NCHW and channels-last take the same code. An NCHW
@@ -202,7 +201,6 @@ void conv_output_gradient_typed(
     const at::Tensor& grad_conv, const ops::Conv2dReluMaxPool2dShape& s,
     const ops::Conv2dReluMaxPool2dParams& p) {
   const int64_t plane_size = s.conv_h * s.conv_w;
-  const int64_t taps = p.pool_kernel[0] * p.pool_kernel[1];
   // Half-precision gradients add up in a float32 plane, rounded once.
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kAccumulateApart = !std::is_same_v<acc_t, scalar_t>;
@@ -213,7 +211,6 @@ void conv_output_gradient_typed(
   const auto cs = codes.strides();
   const auto ds = grad_conv.strides();
   const bool zero_planes = ds[3] == 1 && ds[2] == s.conv_w;
-  std::atomic<bool> bad_code{false};
   at::parallel_for(
       0, s.batch * s.out_channels,
       std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, plane_size)),
@@ -253,11 +250,6 @@ void conv_output_gradient_typed(
               geometry::decode_argmax(c, p.pool_kernel[1], dy, dx);
               const int64_t oh = ph * p.pool_stride[0] - p.pool_padding[0] + dy;
               const int64_t ow = pw * p.pool_stride[1] - p.pool_padding[1] + dx;
-              if (c < 0 || c > taps || oh < 0 || oh >= s.conv_h || ow < 0 ||
-                  ow >= s.conv_w) {
-                bad_code.store(true, std::memory_order_relaxed);
-                continue;
-              }
               sum_plane[oh * sum_h_stride + ow * sum_w_stride] +=
                   static_cast<acc_t>(plane_grad[ph * gs[2] + pw * gs[3]]);
             }
@@ -272,12 +264,90 @@ void conv_output_gradient_typed(
           }
         }
       });
+}
+
+// Both backward paths index by the codes: a code that names no tap of its
+// pooling window inside the conv output (only a caller of the raw op can
+// pass one) raises an error here instead of reading or writing out of
+// bounds. Every code must lie in [0, taps], checked by one reduction the
+// compiler vectorises (a few microseconds for MNIST's N64 codes; at::aminmax
+// took 75 us); only windows the conv plane clips (pool padding, ceil_mode)
+// are then checked position by position.
+template <typename code_t>
+bool codes_name_taps(
+    const at::Tensor& codes, const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
+  const code_t* data = codes.const_data_ptr<code_t>();  // dense
+  const int64_t taps = p.pool_kernel[0] * p.pool_kernel[1];
+  code_t low = 0;
+  code_t high = 0;
+  for (int64_t i = 0; i < codes.numel(); ++i) {
+    low = std::min(low, data[i]);
+    high = std::max(high, data[i]);
+  }
+  if (low < 0 || static_cast<int64_t>(high) > taps) {
+    return false;
+  }
+  const auto clipped = [](int64_t pooled, int64_t axis, int64_t conv_size,
+                          const ops::Conv2dReluMaxPool2dParams& q) {
+    std::vector<int64_t> indices;
+    for (int64_t i = 0; i < pooled; ++i) {
+      const int64_t origin = i * q.pool_stride[axis] - q.pool_padding[axis];
+      if (origin < 0 || origin + q.pool_kernel[axis] > conv_size) {
+        indices.push_back(i);
+      }
+    }
+    return indices;
+  };
+  const std::vector<int64_t> rows = clipped(s.pooled_h, 0, s.conv_h, p);
+  const std::vector<int64_t> columns = clipped(s.pooled_w, 1, s.conv_w, p);
+  const auto cs = codes.strides();
+  const auto names_a_tap = [&](const code_t* plane, int64_t ph, int64_t pw) {
+    const int64_t c = static_cast<int64_t>(plane[ph * cs[2] + pw * cs[3]]);
+    if (c == geometry::kNoGradient) {
+      return true;
+    }
+    int64_t dy = 0;
+    int64_t dx = 0;
+    geometry::decode_argmax(c, p.pool_kernel[1], dy, dx);
+    const int64_t oh = ph * p.pool_stride[0] - p.pool_padding[0] + dy;
+    const int64_t ow = pw * p.pool_stride[1] - p.pool_padding[1] + dx;
+    return oh >= 0 && oh < s.conv_h && ow >= 0 && ow < s.conv_w;
+  };
+  for (int64_t n = 0; n < s.batch; ++n) {
+    for (int64_t channel = 0; channel < s.out_channels; ++channel) {
+      const code_t* plane = data + n * cs[0] + channel * cs[1];
+      for (const int64_t ph : rows) {
+        for (int64_t pw = 0; pw < s.pooled_w; ++pw) {
+          if (!names_a_tap(plane, ph, pw)) {
+            return false;
+          }
+        }
+      }
+      for (int64_t ph = 0; ph < s.pooled_h; ++ph) {
+        for (const int64_t pw : columns) {
+          if (!names_a_tap(plane, ph, pw)) {
+            return false;
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+void check_codes_name_taps(
+    const at::Tensor& codes, const ops::Conv2dReluMaxPool2dShape& s,
+    const ops::Conv2dReluMaxPool2dParams& p) {
+  bool valid = true;
+  ops::dispatch_code_type(codes.scalar_type(), [&](auto code) {
+    valid = codes_name_taps<decltype(code)>(codes, s, p);
+  });
   TORCH_CHECK(
-      !bad_code.load(),
-      "ptfast.conv2d_relu_max_pool2d: `codes` holds a code "
-      "that names no tap of its pooling window inside the conv output (codes "
-      "must come from _conv2d_relu_max_pool2d_with_codes with the same "
-      "arguments)");
+      valid,
+      "ptfast.conv2d_relu_max_pool2d: `codes` holds a code that names no tap "
+      "of its pooling window inside the conv output (codes must come from "
+      "_conv2d_relu_max_pool2d_with_codes with the same arguments)");
 }
 
 // The vendor backward: the dense conv-output gradient, then ATen's
@@ -379,6 +449,7 @@ conv2d_relu_max_pool2d_backward_cpu(
     }
     return ops::backward_result(t);
   }
+  check_codes_name_taps(t.codes, t.shape, t.params);
   if (path == ConvBlockPath::kVendor) {
     // convolution_backward returns its gradients in native's memory format.
     return vendor_backward(t, output_mask);
