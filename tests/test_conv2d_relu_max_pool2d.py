@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptfast
 from common_utils import (
     DEVICES,
     GRID,
-    block_inputs,
     assert_block_matches_native,
-    block_configs,
+    block_inputs,
     grid_inputs,
     make_data,
     native_block,
 )
+from strategies import block_configs
 
 # The whole module runs on both CPU paths of the fused block, direct and vendor.
 pytestmark = pytest.mark.usefixtures("conv_block")
+
 
 @pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
 def test_matches_native(shape, kwargs, dtype, device):

@@ -25,13 +25,13 @@ import ptfast
 from common_utils import (
     GRID,
     assert_block_matches_native,
-    block_configs,
     block_inputs,
     grid_inputs,
     make_data,
     native_block,
 )
 from ptfast.functional import block_arguments
+from strategies import block_configs
 
 INF, NAN = float("inf"), float("nan")
 ops = torch.ops.ptfast
