@@ -47,19 +47,22 @@ C10_HOST_DEVICE inline int64_t pool_output_size(
 // A pooling window over the conv output, clipped to it. `origin` is where the
 // unclipped window starts (it may be negative because of pool padding): the
 // arg-max code of a window is relative to that origin, so decoding needs no
-// clipping information.
+// clipping information. In any signed index type: the CUDA kernels use
+// int32_t where the tensors allow it.
+template <typename index_t>
 struct Window {
-  int64_t origin;
-  int64_t begin;  // first valid conv-output index, inclusive
-  int64_t end;    // last valid conv-output index, exclusive
+  index_t origin;
+  index_t begin;  // first valid conv-output index, inclusive
+  index_t end;    // last valid conv-output index, exclusive
 };
 
-C10_HOST_DEVICE inline Window pool_window(
-    int64_t pooled_index, int64_t kernel, int64_t stride, int64_t padding,
-    int64_t conv_size) {
-  const int64_t origin = pooled_index * stride - padding;
-  const int64_t end = origin + kernel < conv_size ? origin + kernel : conv_size;
-  return {origin, origin > 0 ? origin : 0, end};
+template <typename index_t>
+C10_HOST_DEVICE inline Window<index_t> pool_window(
+    index_t pooled_index, index_t kernel, index_t stride, index_t padding,
+    index_t conv_size) {
+  const index_t origin = pooled_index * stride - padding;
+  const index_t end = origin + kernel < conv_size ? origin + kernel : conv_size;
+  return {origin, origin > 0 ? origin : index_t(0), end};
 }
 
 // The arg-max code stored by the forward for each pooled output:
@@ -88,23 +91,28 @@ C10_HOST_DEVICE inline void decode_argmax(
 
 // Pooled indices [begin, end) whose window contains conv-output index
 // `conv_index`: those with origin <= conv_index < origin + kernel.
+template <typename index_t>
 struct IndexRange {
-  int64_t begin;
-  int64_t end;
+  index_t begin;
+  index_t end;
 };
 
-C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+template <typename index_t>
+C10_HOST_DEVICE inline index_t floor_div(index_t a, index_t b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 
-C10_HOST_DEVICE inline IndexRange windows_containing(
-    int64_t conv_index, int64_t kernel, int64_t stride, int64_t padding,
-    int64_t pooled_size) {
+template <typename index_t>
+C10_HOST_DEVICE inline IndexRange<index_t> windows_containing(
+    index_t conv_index, index_t kernel, index_t stride, index_t padding,
+    index_t pooled_size) {
   // index * stride - padding <= conv_index
-  const int64_t last = floor_div(conv_index + padding, stride);
+  const index_t last = floor_div(conv_index + padding, stride);
   // index * stride - padding + kernel > conv_index
-  const int64_t first = floor_div(conv_index + padding - kernel, stride) + 1;
-  return {first > 0 ? first : 0, last + 1 < pooled_size ? last + 1 : pooled_size};
+  const index_t first = floor_div(conv_index + padding - kernel, stride) + 1;
+  return {
+      first > 0 ? first : index_t(0),
+      last + 1 < pooled_size ? last + 1 : pooled_size};
 }
 
 // The pooling of one (image, channel) plane of conv outputs.
@@ -129,9 +137,9 @@ template <typename acc_t, typename scalar_t, typename code_t>
 C10_HOST_DEVICE inline GatheredGradient<acc_t> gather_gradient(
     const scalar_t* grad_output, const code_t* codes, int64_t oh, int64_t ow,
     const PoolGeometry& g) {
-  const IndexRange rows =
+  const IndexRange<int64_t> rows =
       windows_containing(oh, g.kernel_h, g.stride_h, g.padding_h, g.pooled_h);
-  const IndexRange cols =
+  const IndexRange<int64_t> cols =
       windows_containing(ow, g.kernel_w, g.stride_w, g.padding_w, g.pooled_w);
   GatheredGradient<acc_t> result{acc_t(0), -1};
   for (int64_t ph = rows.begin; ph < rows.end; ++ph) {

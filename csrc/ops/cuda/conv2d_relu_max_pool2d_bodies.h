@@ -95,21 +95,9 @@ Pool<index_t> make_pool(const geometry::PoolGeometry& g) {
           static_cast<index_t>(g.pooled_h),  static_cast<index_t>(g.pooled_w)};
 }
 
-// A pooling window clipped to the conv plane (geometry::pool_window, in
-// index_t): `origin` is the unclipped start the arg-max code counts from.
-template <typename index_t>
-struct Window {
-  index_t origin, begin, end;
-};
-
-template <typename index_t>
-C10_HOST_DEVICE inline Window<index_t> pool_window(
-    index_t pooled_index, index_t kernel, index_t stride, index_t padding,
-    index_t conv_size) {
-  const index_t origin = pooled_index * stride - padding;
-  const index_t end = origin + kernel < conv_size ? origin + kernel : conv_size;
-  return {origin, origin > 0 ? origin : index_t(0), end};
-}
+using geometry::pool_window;
+using geometry::Window;
+using geometry::windows_containing;
 
 // The running maximum of a pooling window with max_pool2d's rules: the first
 // of equal values wins, a NaN wins over everything and the last NaN over
@@ -207,21 +195,6 @@ struct ConvGradientArgs {
   bool channels_last;  // grad_conv's memory order, which items follow
 };
 
-// Pooled indices whose window holds conv index `conv_index`
-// (geometry::windows_containing, in index_t).
-template <typename index_t>
-C10_HOST_DEVICE inline void windows_containing(
-    index_t conv_index, index_t kernel, index_t stride, index_t padding,
-    index_t pooled_size, index_t& begin, index_t& end) {
-  const index_t shifted = conv_index + padding;
-  // shifted >= 0; the first window needs index * stride > shifted - kernel.
-  const index_t first =
-      shifted < kernel ? index_t(0) : (shifted - kernel) / stride + 1;
-  const index_t last = shifted / stride;
-  begin = first;
-  end = last + 1 < pooled_size ? last + 1 : pooled_size;
-}
-
 template <typename scalar_t, typename code_t, typename index_t>
 C10_HOST_DEVICE inline void compute_item(
     const ConvGradientArgs<scalar_t, code_t, index_t>& a, index_t item) {
@@ -229,15 +202,14 @@ C10_HOST_DEVICE inline void compute_item(
   const Pool<index_t>& g = a.pool;
   const Position<index_t> p =
       position_of(item, a.channels, a.conv_h, a.conv_w, a.channels_last);
-  index_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
-  windows_containing(
-      p.h, g.kernel_h, g.stride_h, g.padding_h, g.pooled_h, row_begin, row_end);
-  windows_containing(
-      p.w, g.kernel_w, g.stride_w, g.padding_w, g.pooled_w, col_begin, col_end);
+  const geometry::IndexRange<index_t> rows =
+      windows_containing(p.h, g.kernel_h, g.stride_h, g.padding_h, g.pooled_h);
+  const geometry::IndexRange<index_t> cols =
+      windows_containing(p.w, g.kernel_w, g.stride_w, g.padding_w, g.pooled_w);
   acc_t sum = 0;
-  for (index_t ph = row_begin; ph < row_end; ++ph) {
+  for (index_t ph = rows.begin; ph < rows.end; ++ph) {
     const index_t dy = p.h - (ph * g.stride_h - g.padding_h);
-    for (index_t pw = col_begin; pw < col_end; ++pw) {
+    for (index_t pw = cols.begin; pw < cols.end; ++pw) {
       const index_t dx = p.w - (pw * g.stride_w - g.padding_w);
       // Codes are compared, never used as an index: a code that names no
       // tap of its window (only a caller of the raw op can pass one) sends
