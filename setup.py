@@ -9,8 +9,10 @@ so the build records that torch: the wheel requires exactly it
 ptfast/_build_info.py, written next to ptfast._C, lets ``import ptfast``
 refuse another torch with one clear message before loading ptfast._C.
 
-ptfast._C uses no Python API beyond its module init (csrc/ptfast.cpp), so it
-is built for the stable ABI (abi3): one wheel serves every Python >= 3.10.
+ptfast._C is built for the running Python, not for the stable ABI: its eager
+entries take tensors through torch's Python API (csrc/ptfast.cpp), which
+saves about 1.4 us a call over torch.ops. A wheel is therefore per Python
+version, as it already is per torch version.
 
 Every file in csrc/ops/cpu/isa/ is compiled once per instruction set
 (DEFAULT, plus AVX2 and AVX512 on x86-64) and the copy matching the running
@@ -172,8 +174,9 @@ class BuildExtensionWithIsaCopies(BuildExtension):
     def copy_extensions_to_source(self):
         """In-place and editable builds: the library, its build record, and no stale library.
 
-        Python imports ``_C.cpython-311-x86_64-linux-gnu.so`` ahead of
-        ``_C.abi3.so``, so a library left by an older build would shadow the new one.
+        Python imports ``_C.cpython-311-x86_64-linux-gnu.so`` ahead of ``_C.abi3.so``
+        and ``_C.so``, so a library left by an older build (another Python, or
+        the stable-ABI builds before) could shadow the new one or be shadowed by it.
         """
         super().copy_extensions_to_source()
         build_py = self.get_finalized_command("build_py")
@@ -210,9 +213,6 @@ def extensions() -> list:
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
             depends=sorted(str(p) for p in (ROOT / CSRC).rglob("*.h")),
-            # The stable ABI: torch adds -DPy_LIMITED_API (3.10) and leaves out
-            # libtorch_python, which ptfast._C does not use.
-            py_limited_api=True,
         )
     ]
 
@@ -222,5 +222,4 @@ setup(
     cmdclass={"build_ext": BuildExtensionWithIsaCopies},
     # pyproject.toml declares dependencies dynamic: they are computed here.
     install_requires=[torch_requirement()],
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,105 +1,102 @@
 // The Python module ptfast._C. Importing it loads this library, whose static
 // initialisers register the ptfast operators with the dispatcher; every op is
-// reached through torch.ops.ptfast. The module itself holds only the
-// process-wide settings that are not arguments of an op (ptfast.backends)
-// and the peak-rate probe of ptfast-bench.
+// reachable through torch.ops.ptfast. The module itself holds:
+//
+// - the eager entries of the two public ops. torch.ops' binding converts each
+//   argument by the schema into a boxed stack and back, about 1.4 us a call
+//   (as much as the whole of torch.log_softmax on a small tensor); these take
+//   the tensors through pybind11 and call the same dispatcher ops unboxed,
+//   ptfast.functional uses
+//   them for plain tensors in eager mode and torch.ops everywhere else
+//   (compilers, tensor subclasses, __torch_function__ modes), so both reach
+//   the same kernels and autograd;
+// - the process-wide settings that are not arguments of an op
+//   (ptfast.backends) and the peak-rate probe of ptfast-bench.
+#include "ops/conv2d_relu_max_pool2d.h"
 #include "ops/conv_block_path.h"
 #include "ops/cpu/peak_flops.h"
+#include "ops/log_softmax.h"
 
-#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
 
-#include <string_view>
+#include <string>
+
+namespace py = pybind11;
 
 namespace {
 
-using ptfast::ops::ConvBlockPath;
-
-// The backend a device name ("cpu" or "cuda") names, or nullptr with a
-// ValueError set.
-const c10::DeviceType* backend_device(PyObject* name) {
-  static const c10::DeviceType cpu = c10::DeviceType::CPU;
-  static const c10::DeviceType cuda = c10::DeviceType::CUDA;
-  Py_ssize_t size = 0;
-  const char* text =
-      PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &size) : nullptr;
-  const std::string_view device =
-      text == nullptr ? "" : std::string_view(text, static_cast<size_t>(size));
-  if (device == "cpu") {
-    return &cpu;
+// The backend a device name ("cpu" or "cuda") names.
+c10::DeviceType backend_device(const std::string& name) {
+  if (name == "cpu") {
+    return c10::DeviceType::CPU;
   }
-  if (device == "cuda") {
-    return &cuda;
+  if (name == "cuda") {
+    return c10::DeviceType::CUDA;
   }
-  PyErr_Clear();
-  PyErr_Format(
-      PyExc_ValueError,
-      "ptfast.backends: `device` must be 'cpu' or 'cuda', got %R", name);
-  return nullptr;
+  throw py::value_error(
+      "ptfast.backends: `device` must be 'cpu' or 'cuda', got '" + name + "'");
 }
 
-// _get_conv_block(device) -> "auto" | "direct" | "vendor"
-PyObject* get_conv_block(PyObject* /*module*/, PyObject* device_name) {
-  const c10::DeviceType* device = backend_device(device_name);
-  if (device == nullptr) {
-    return nullptr;
-  }
-  const std::string_view name = ptfast::ops::conv_block_path_name(
-      ptfast::ops::conv_block_policy(*device));
-  return PyUnicode_FromStringAndSize(
-      name.data(), static_cast<Py_ssize_t>(name.size()));
+std::string get_conv_block(const std::string& device) {
+  return std::string(
+      ptfast::ops::conv_block_path_name(
+          ptfast::ops::conv_block_policy(backend_device(device))));
 }
 
-// _set_conv_block(device, name); ValueError for an unknown name.
-PyObject* set_conv_block(PyObject* /*module*/, PyObject* args) {
-  PyObject* device_name = nullptr;
-  PyObject* value = nullptr;
-  if (!PyArg_ParseTuple(args, "OO", &device_name, &value)) {
-    return nullptr;
+void set_conv_block(const std::string& device, const py::object& value) {
+  const c10::DeviceType device_type = backend_device(device);
+  ptfast::ops::ConvBlockPath path = ptfast::ops::ConvBlockPath::kAuto;
+  if (!py::isinstance<py::str>(value) ||
+      !ptfast::ops::parse_conv_block_path(value.cast<std::string>(), &path)) {
+    throw py::value_error(
+        "ptfast.backends." + device +
+        ": `conv_block` must be 'auto', 'direct' or 'vendor', got " +
+        py::repr(value).cast<std::string>());
   }
-  const c10::DeviceType* device = backend_device(device_name);
-  if (device == nullptr) {
-    return nullptr;
-  }
-  Py_ssize_t size = 0;
-  const char* name =
-      PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, &size) : nullptr;
-  ConvBlockPath path = ConvBlockPath::kAuto;
-  if (name == nullptr ||
-      !ptfast::ops::parse_conv_block_path(
-          std::string_view(name, static_cast<size_t>(size)), &path)) {
-    PyErr_Clear();
-    PyErr_Format(
-        PyExc_ValueError,
-        "ptfast.backends.%U: `conv_block` must be 'auto', 'direct' or "
-        "'vendor', got %R",
-        device_name, value);
-    return nullptr;
-  }
-  ptfast::ops::set_conv_block_policy(*device, path);
-  Py_RETURN_NONE;
+  ptfast::ops::set_conv_block_policy(device_type, path);
 }
 
-// _peak_fp32_gflops() -> float: the CPU's peak float32 rate on torch's
-// threads, for ptfast-bench.
-PyObject* peak_fp32_gflops(PyObject* /*module*/, PyObject* /*unused*/) {
-  double gflops = 0;
-  Py_BEGIN_ALLOW_THREADS gflops = ptfast::cpu::peak_fp32_gflops();
-  Py_END_ALLOW_THREADS return PyFloat_FromDouble(gflops);
+// The GIL is released around the op, as torch's own bindings do; errors
+// become the Python exceptions torch.ops would raise (TypeError, ValueError,
+// IndexError, ...), warnings Python warnings.
+at::Tensor eager_log_softmax(const at::Tensor& self, int64_t dim) {
+  HANDLE_TH_ERRORS
+  const py::gil_scoped_release no_gil;
+  return ptfast::ops::log_softmax(self, dim);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
-PyMethodDef methods[] = {
-    {"_get_conv_block", get_conv_block, METH_O, nullptr},
-    {"_set_conv_block", set_conv_block, METH_VARARGS, nullptr},
-    {"_peak_fp32_gflops", peak_fp32_gflops, METH_NOARGS, nullptr},
-    {nullptr, nullptr, 0, nullptr}};
+at::Tensor eager_conv2d_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+    at::IntArrayRef pool_padding, bool ceil_mode) {
+  HANDLE_TH_ERRORS
+  const py::gil_scoped_release no_gil;
+  return ptfast::ops::conv2d_relu_max_pool2d(
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+      pool_stride, pool_padding, ceil_mode);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
 
 }  // namespace
 
-extern "C" {
-
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
-}
+PYBIND11_MODULE(_C, m) {
+  m.def(
+      "_log_softmax", &eager_log_softmax,
+      "ptfast::log_softmax(self, dim) without torch.ops' boxing.");
+  m.def(
+      "_conv2d_relu_max_pool2d", &eager_conv2d_relu_max_pool2d,
+      "ptfast::conv2d_relu_max_pool2d(...) without torch.ops' boxing.");
+  m.def(
+      "_get_conv_block", &get_conv_block,
+      "The conv-block path policy of a device: 'auto', 'direct' or 'vendor'.");
+  m.def("_set_conv_block", &set_conv_block, "Sets a device's policy.");
+  m.def(
+      "_peak_fp32_gflops", [] { return ptfast::cpu::peak_fp32_gflops(); },
+      py::call_guard<py::gil_scoped_release>(),
+      "The CPU's peak float32 rate on torch's threads, for ptfast-bench.");
 }
