@@ -85,6 +85,59 @@ def test_direct_path_rounds_conv_outputs_before_pooling(half):
     assert codes.flatten().tolist() == [1]  # the first tap, as native's max_pool2d on the rounded values
 
 
+# The smallest positive value of each dtype.
+SMALLEST = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+
+
+def _rounding_case(case: str, half: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Input, weight (both exact in `half`, as float32) and pooling window of a rounding test."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randint(-127, 128, (2, 3, 10, 10), generator=generator).float()
+    w = torch.randint(-8, 9, (4, 3, 3, 3), generator=generator).float() * 2.0**-8
+    if case == "subnormal sums":
+        return x * SMALLEST[half], w, 2
+    if case == "inf and nan":
+        x[0, 0, 2, 3] = float("inf")
+        x[1, 2, 5, 5] = float("nan")
+        x[1, 1, 7, 1] = -float("inf")
+        return x, w, 2
+    if half == torch.float16:  # sums of up to ~9e5 in float32, past float16's 65504
+        return x * 32, w * 2.0**8, 2
+    # bfloat16's largest finite value plus an eighth, a half (a tie: rounds to
+    # even, which is inf) and one of its last place, and zero; float32 holds them all.
+    largest = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([[[[largest] * 4], [[2.0**117, 2.0**119, 2.0**120, 0.0]]]])
+    return x, torch.ones(1, 2, 1, 1), 1
+
+
+@pytest.mark.parametrize("case", ["subnormal sums", "overflowing sums", "inf and nan"])
+def test_direct_path_rounds_like_a_store_in_the_dtype(half, case):
+    # The direct kernel rounds its float32 conv sums to the dtype in registers.
+    # Sums of products of small integers times powers of two are exact in
+    # float32, so the reference is native's float32 block with the conv output
+    # stored in the dtype: subnormal sums with bits below the dtype's smallest
+    # value (ties to even included), sums past its largest finite value, and
+    # inf and NaN inputs.
+    x, w, pool = _rounding_case(case, half)
+    xh, wh = x.to(half), w.to(half)
+    _assert_equal(xh.float(), x, "input exact in the dtype")
+    _assert_equal(wh.float(), w, "weight exact in the dtype")
+
+    xf = x.clone().requires_grad_()
+    ref = F.max_pool2d(F.relu(F.conv2d(xf, w).to(half)), pool)
+    with ptfast.backends.cpu.flags(conv_block="direct"):
+        xh.requires_grad_()
+        out = ptfast.conv2d_relu_max_pool2d(xh, wh, pool_kernel_size=pool)
+    _assert_equal(out, ref, "output")
+    if case == "overflowing sums":
+        assert out.isinf().any() and out.isfinite().any()
+    grad = torch.ones_like(ref)
+    # Which conv output each window's gradient reaches is the arg-max choice.
+    (want,) = torch.autograd.grad(ref, xf, grad)
+    (got,) = torch.autograd.grad(out, xh, grad)
+    _assert_equal(got, want.to(half), "grad input")
+
+
 def test_block_autocast_follows_natives_dtypes(half):
     x, w, b = (t.detach() for t in block_inputs(2, 3, 4, 10, 9, 3, 1, True, torch.float32))
     with torch.autocast("cpu", dtype=half):

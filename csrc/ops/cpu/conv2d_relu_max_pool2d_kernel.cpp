@@ -133,24 +133,6 @@ void vendor_forward(const ops::ForwardTensors& t) {
       {conv, t.output, t.codes, t.shape, t.params});
 }
 
-// The direct kernels compute in float32 or float64 only: a half-precision
-// call (bfloat16, float16) runs them in float32 on converted copies, which
-// costs a pass over the input and the output, small next to the conv. The
-// kernel rounds the conv planes to the call's dtype before pooling (see
-// Conv2dReluMaxPool2dForwardArgs), so ReLU and the arg-max see native's
-// values.
-void direct_forward_half(const ops::ForwardTensors& t) {
-  const at::Tensor input = t.input.to(at::kFloat);
-  const at::Tensor weight = t.weight.to(at::kFloat);
-  const at::Tensor bias = t.bias.defined() ? t.bias.to(at::kFloat) : t.bias;
-  const at::Tensor output =
-      at::empty(t.output.sizes(), t.output.options().dtype(at::kFloat));
-  conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
-      {input, weight, bias, output, t.codes, t.shape, t.params,
-       t.input.scalar_type()});
-  t.output.copy_(output);
-}
-
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -172,12 +154,9 @@ std::tuple<at::Tensor, at::Tensor> forward(
   }
   if (path == ConvBlockPath::kVendor) {
     vendor_forward(t);
-  } else if (at::isReducedFloatingType(t.input.scalar_type())) {
-    direct_forward_half(t);
   } else {
     conv2d_relu_max_pool2d_forward_stub.get("conv2d_relu_max_pool2d")(
-        {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params,
-         t.input.scalar_type()});
+        {t.input, t.weight, t.bias, t.output, t.codes, t.shape, t.params});
   }
   // The direct kernels write NCHW; for a channels-last call this copies the
   // pooled output (a quarter of the conv output or less) and the 1-byte codes.
@@ -402,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
 }
 
 // A half-precision backward on the direct path runs the float32 kernel on
-// converted copies and rounds the gradients once, as direct_forward_half.
+// converted copies and rounds the gradients once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_half(
     const ops::BackwardTensors& t) {
   ops::BackwardTensors f = t;

@@ -14,6 +14,9 @@
 
 namespace ptfast::cpu {
 
+// The direct forward. Half-precision tensors (bfloat16, float16) are
+// computed in float32 with the conv outputs rounded to their dtype before
+// ReLU and pooling, as native's conv2d in that dtype stores them.
 struct Conv2dReluMaxPool2dForwardArgs {
   const at::Tensor& input;   // (N, C, H, W)
   const at::Tensor& weight;  // (OC, C / groups, KH, KW)
@@ -22,10 +25,6 @@ struct Conv2dReluMaxPool2dForwardArgs {
   const at::Tensor& codes;   // arg-max codes like output, or undefined
   const ops::Conv2dReluMaxPool2dShape& shape;
   const ops::Conv2dReluMaxPool2dParams& params;
-  // The dtype of the call. The kernel computes in the tensors' dtype; when
-  // a half-precision call runs in float32 (bfloat16, float16), it rounds the
-  // conv outputs to this dtype before ReLU and pooling.
-  at::ScalarType conv_dtype;
 };
 
 struct Conv2dReluMaxPool2dBackwardArgs {

@@ -11,12 +11,14 @@
 #include "ops/geometry.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -81,13 +83,33 @@ struct ConvBlockInputs {
   int64_t taps;
 };
 
+// What the conv loop does with its sums before storing them: keeps them, or
+// (a half-precision call, computed in float32) rounds them to the call's
+// dtype in registers, so that ReLU and the pooling see the values native's
+// conv2d in that dtype stores.
+struct KeepSums {
+  template <typename Vec>
+  static Vec apply(const Vec& sums) {
+    return sums;
+  }
+};
+
+template <typename half_t>
+struct RoundSumsTo {
+  static at::vec::Vectorized<float> apply(
+      const at::vec::Vectorized<float>& sums) {
+    return rounded_to_half<half_t>(sums);
+  }
+};
+
 // kVectors neighbouring vectors of conv outputs (`count` lanes in the last
 // one) of kBlock output channels, starting at `source_offset` in the staged
 // columns, stored at `dst` (channel j at dst + j * plane_stride). Each
 // input vector loaded feeds kBlock multiply-adds and each broadcast weight
-// kVectors. A function with plain parameters rather than a lambda: GCC
-// reloaded a lambda's captures around every store.
-template <int kBlock, int kVectors, typename scalar_t>
+// kVectors; Sums (KeepSums, RoundSumsTo) treats the sums before the store.
+// A function with plain parameters rather than a lambda: GCC reloaded a
+// lambda's captures around every store.
+template <int kBlock, int kVectors, typename Sums, typename scalar_t>
 C10_ALWAYS_INLINE void conv_vectors(
     const ConvBlockInputs<scalar_t>& in, int64_t source_offset,
     scalar_t* dst, int64_t plane_stride, int64_t count) {
@@ -122,10 +144,11 @@ C10_ALWAYS_INLINE void conv_vectors(
   for (int j = 0; j < kBlock; ++j) {
     for (int v = 0; v < kVectors; ++v) {
       scalar_t* at = dst + j * plane_stride + v * Vec::size();
+      const Vec sums = Sums::apply(acc[v][j]);
       if (v + 1 < kVectors || count == Vec::size()) {
-        acc[v][j].store(at);
+        sums.store(at);
       } else {
-        acc[v][j].store(at, count);
+        sums.store(at, count);
       }
     }
   }
@@ -133,7 +156,7 @@ C10_ALWAYS_INLINE void conv_vectors(
 
 // Computes kBlock conv planes (output channels oc0 .. oc0 + kBlock - 1 of a
 // group) over one segment.
-template <int kBlock, typename scalar_t>
+template <int kBlock, typename Sums, typename scalar_t>
 void conv_segment(
     const ConvBlockInputs<scalar_t>& in, scalar_t* planes,
     int64_t plane_stride, const Segment& segment) {
@@ -142,19 +165,19 @@ void conv_segment(
   int64_t i = 0;
   if constexpr (2 * kBlock <= kPairedAccumulators<scalar_t>) {
     for (; i + 2 * Vec::size() <= segment.length; i += 2 * Vec::size()) {
-      conv_vectors<kBlock, 2>(
+      conv_vectors<kBlock, 2, Sums>(
           in, segment.source_offset + i, dst + i, plane_stride, Vec::size());
     }
   }
   for (; i < segment.length; i += Vec::size()) {
-    conv_vectors<kBlock, 1>(
+    conv_vectors<kBlock, 1, Sums>(
         in, segment.source_offset + i, dst + i, plane_stride,
         std::min<int64_t>(Vec::size(), segment.length - i));
   }
 }
 
 // Computes `block` consecutive conv planes of one group.
-template <typename scalar_t>
+template <typename Sums, typename scalar_t>
 void conv_planes(
     scalar_t* planes, const scalar_t* source, const scalar_t* weight,
     const scalar_t* bias, int64_t block, int64_t channels,
@@ -167,7 +190,7 @@ void conv_planes(
       bias, tap_offsets.data(), taps};
   auto run = [&](const Segment& segment) {
     auto call = [&](auto block_size) {
-      conv_segment<decltype(block_size)::value>(
+      conv_segment<decltype(block_size)::value, Sums>(
           in, planes, layout.plane_stride, segment);
     };
     switch (block) {
@@ -194,13 +217,26 @@ void conv_planes(
   }
 }
 
+// `count` (at most a vector's) values of `src` as a vector of their compute
+// type: a half-precision input is converted while it is staged.
+template <typename scalar_t, typename input_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_as(
+    const input_t* src, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, input_t>) {
+    return at::vec::Vectorized<scalar_t>::loadu(src, count);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<input_t>(
+        at::vec::Vectorized<input_t>::loadu(src, count)));
+  }
+}
+
 // Stages `channels` input planes as shifted columns (see StagedLayout).
 // Only the values read from the input are written: the entries that come
 // from the zero padding are the same for every image and stay 0 from the
 // buffer's allocation.
-template <typename scalar_t>
+template <typename scalar_t, typename input_t>
 void stage_shifted_columns(
-    scalar_t* staged, const scalar_t* input, int64_t channels,
+    scalar_t* staged, const input_t* input, int64_t channels,
     const StagedLayout& layout, const ops::Conv2dReluMaxPool2dShape& s,
     const ops::Conv2dReluMaxPool2dParams& p) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -217,25 +253,27 @@ void stage_shifted_columns(
     for (int64_t c = 0; c < channels; ++c) {
       scalar_t* dst = staged + kw * layout.column_size +
           c * layout.channel_size + p.padding[0] * s.conv_w + ow_begin;
-      const scalar_t* src =
+      const input_t* src =
           input + c * s.in_h * s.in_w + first + ow_begin * p.stride[1];
       if (p.stride[1] != 1) {
         for (int64_t ih = 0; ih < s.in_h; ++ih) {
           for (int64_t j = 0; j < width; ++j) {
-            dst[ih * s.conv_w + j] = src[ih * s.in_w + j * p.stride[1]];
+            dst[ih * s.conv_w + j] =
+                static_cast<scalar_t>(src[ih * s.in_w + j * p.stride[1]]);
           }
         }
       } else {
         // Rows are short (often one masked vector): inline, no memcpy call.
         const int64_t full = width - width % Vec::size();
         for (int64_t ih = 0; ih < s.in_h; ++ih) {
-          const scalar_t* in = src + ih * s.in_w;
+          const input_t* in = src + ih * s.in_w;
           scalar_t* out = dst + ih * s.conv_w;
           for (int64_t j = 0; j < full; j += Vec::size()) {
-            Vec::loadu(in + j).store(out + j);
+            load_as<scalar_t>(in + j, Vec::size()).store(out + j);
           }
           if (full < width) {
-            Vec::loadu(in + full, width - full).store(out + full, width - full);
+            load_as<scalar_t>(in + full, width - full)
+                .store(out + full, width - full);
           }
         }
       }
@@ -243,23 +281,17 @@ void stage_shifted_columns(
   }
 }
 
-// Rounds `count` conv planes, `stride` apart, to the half-precision dtype
-// the op was called in: the direct path computes a half-precision call in
-// float32, and pools what native's conv2d in that dtype would have stored.
-void round_planes(
-    at::ScalarType dtype, float* planes, int64_t count, int64_t size,
-    int64_t stride) {
-  for (int64_t j = 0; j < count; ++j) {
-    if (dtype == at::kBFloat16) {
-      round_to_half<c10::BFloat16>(planes + j * stride, size);
-    } else {
-      round_to_half<c10::Half>(planes + j * stride, size);
-    }
-  }
-}
-
-template <typename scalar_t, typename code_t>
+// The forward in the tensors' dtype data_t. A half-precision call (bfloat16,
+// float16) computes in float32, as native's CPU kernels do: the input is
+// converted while it is staged, the weights once per call, the conv sums
+// are rounded to data_t in registers before ReLU and pooling (so the arg-max
+// rule sees native's values), and each task's pooled planes are rounded
+// into the output.
+template <typename data_t, typename code_t>
 void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
+  using scalar_t = at::opmath_type<data_t>;
+  constexpr bool kHalf = !std::is_same_v<scalar_t, data_t>;
+  using Sums = std::conditional_t<kHalf, RoundSumsTo<data_t>, KeepSums>;
   const auto& s = a.shape;
   const auto& p = a.params;
   const int64_t in_group = s.in_channels_per_group(p);
@@ -281,11 +313,28 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
     }
   }
 
-  const scalar_t* input = a.input.const_data_ptr<scalar_t>();
-  const scalar_t* weight = a.weight.const_data_ptr<scalar_t>();
-  const scalar_t* bias =
-      a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* output = a.output.mutable_data_ptr<scalar_t>();
+  const data_t* input = a.input.const_data_ptr<data_t>();
+  const data_t* weight_data = a.weight.const_data_ptr<data_t>();
+  const data_t* bias_data =
+      a.bias.defined() ? a.bias.const_data_ptr<data_t>() : nullptr;
+  // Weights and bias in the compute type.
+  std::vector<scalar_t> converted;
+  const scalar_t* weight = nullptr;
+  const scalar_t* bias = nullptr;
+  if constexpr (kHalf) {
+    const int64_t weight_numel = a.weight.numel();
+    converted.resize(weight_numel + (bias_data != nullptr ? s.out_channels : 0));
+    half_to_float(weight_data, converted.data(), weight_numel);
+    weight = converted.data();
+    if (bias_data != nullptr) {
+      half_to_float(bias_data, converted.data() + weight_numel, s.out_channels);
+      bias = converted.data() + weight_numel;
+    }
+  } else {
+    weight = weight_data;
+    bias = bias_data;
+  }
+  data_t* output = a.output.mutable_data_ptr<data_t>();
   code_t* codes =
       a.codes.defined() ? a.codes.mutable_data_ptr<code_t>() : nullptr;
   const int64_t weight_size = in_group * s.kernel_h * s.kernel_w;
@@ -304,6 +353,8 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
               -std::numeric_limits<scalar_t>::infinity();
         }
         std::vector<scalar_t> staged(s.kernel_w * layout.column_size, 0);
+        // Half precision: a task's pooled planes, before rounding.
+        std::vector<scalar_t> pooled(kHalf ? block_size * pooled_size : 0);
         int64_t staged_source = -1;  // (n * groups + group) held in `staged`
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks;
@@ -321,23 +372,28 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
                 in_group, layout, s, p);
             staged_source = key;
           }
-          conv_planes(
+          conv_planes<Sums>(
               planes.data(), staged.data(), weight + first * weight_size,
               bias != nullptr ? bias + first : nullptr, block, in_group,
               tap_offsets, layout, s, p);
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (a.conv_dtype != at::kFloat) {
-              round_planes(
-                  a.conv_dtype, planes.data(), block, layout.plane_size,
-                  layout.plane_stride);
-            }
-          }
+          const int64_t first_plane = n * s.out_channels + first;
           for (int64_t j = 0; j < block; ++j) {
-            const int64_t plane_index = n * s.out_channels + first + j;
+            const int64_t plane_index = first_plane + j;
+            scalar_t* pooled_plane = nullptr;
+            if constexpr (kHalf) {
+              pooled_plane = pooled.data() + j * pooled_size;
+            } else {
+              pooled_plane = output + plane_index * pooled_size;
+            }
             pool_plane(
-                planes.data() + j * layout.plane_stride,
-                output + plane_index * pooled_size,
+                planes.data() + j * layout.plane_stride, pooled_plane,
                 codes != nullptr ? codes + plane_index * pooled_size : nullptr);
+          }
+          if constexpr (kHalf) {
+            // Pooled values are rounded conv outputs: exact in data_t.
+            float_to_half(
+                pooled.data(), output + first_plane * pooled_size,
+                block * pooled_size);
           }
         }
       });
@@ -345,8 +401,9 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
 
 void conv2d_relu_max_pool2d_forward_kernel(
     const Conv2dReluMaxPool2dForwardArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES(
-      args.input.scalar_type(), "conv2d_relu_max_pool2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, args.input.scalar_type(),
+      "conv2d_relu_max_pool2d_cpu", [&] {
         ops::dispatch_code_type(
             ops::argmax_code_dtype(args.params),
             [&](auto code) { forward_typed<scalar_t, decltype(code)>(args); });

@@ -10,10 +10,9 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -57,70 +56,43 @@ void float_to_half(const float* src, half_t* dst, int64_t n) {
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Whether the CPU converts float32 to bfloat16 in one instruction
-// (AVX512-BF16: Cooper Lake and later Xeons, AMD Zen 4 and 5).
-inline bool has_avx512_bf16() {
-  static const bool supported = __builtin_cpu_supports("avx512bf16");
-  return supported;
-}
-
-// round_to_half<BFloat16> with VCVTNEPS2BF16 (round to nearest even, NaN
-// kept): three instructions a vector where the generic conversion takes a
-// dozen. The instruction flushes denormal inputs to zero, which a positive
-// conv output must not become (ReLU would block its window): vectors that
-// hold one take the generic path.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline int64_t
-round_to_bfloat16_avx512_bf16(float* data, int64_t n) {
-  const __m512 smallest_normal =
-      _mm512_set1_ps(std::numeric_limits<float>::min());
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 value = _mm512_loadu_ps(data + i);
-    const __mmask16 denormal =
-        _mm512_cmp_ps_mask(_mm512_abs_ps(value), smallest_normal, _CMP_LT_OQ) &
-        _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    if (denormal != 0) {
-      for (int64_t j = i; j < i + 16; ++j) {
-        data[j] = static_cast<float>(static_cast<c10::BFloat16>(data[j]));
-      }
-      continue;
-    }
-    const __m256i rounded = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value));
-    _mm512_storeu_ps(
-        data + i,
-        _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
-  }
-  return i;
-}
-#endif
-
-// Rounds data[0, n) in place to the nearest half_t value, kept in float32:
-// what storing a float32 result in half_t and reading it back gives.
+// `sums` rounded to the nearest half_t value (ties to even), kept in float32:
+// what storing them in half_t and reading them back gives, in registers.
+// bfloat16 by integer arithmetic on the bits (exact for denormals, which
+// VCVTNEPS2BF16 would flush to zero), NaN kept as it is; float16 through
+// ATen's conversions (VCVTPS2PH where the CPU has it).
 template <typename half_t>
-void round_to_half(float* data, int64_t n) {
-  using HalfVec = at::vec::Vectorized<half_t>;
-  using FloatVec = at::vec::Vectorized<float>;
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
+C10_ALWAYS_INLINE at::vec::Vectorized<float> rounded_to_half(
+    const at::vec::Vectorized<float>& sums) {
   if constexpr (std::is_same_v<half_t, c10::BFloat16>) {
-    if (has_avx512_bf16()) {
-      i = round_to_bfloat16_avx512_bf16(data, n);
-    }
-  }
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 value = sums;
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lowest_kept_bit =
+        _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_and_si512(
+        _mm512_add_epi32(
+            bits, _mm512_add_epi32(lowest_kept_bit, _mm512_set1_epi32(0x7FFF))),
+        _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+    return _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q),
+        _mm512_castsi512_ps(rounded), value);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 value = sums;
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i lowest_kept_bit =
+        _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_and_si256(
+        _mm256_add_epi32(
+            bits, _mm256_add_epi32(lowest_kept_bit, _mm256_set1_epi32(0x7FFF))),
+        _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+    return _mm256_blendv_ps(
+        _mm256_castsi256_ps(rounded), value,
+        _mm256_cmp_ps(value, value, _CMP_UNORD_Q));
 #endif
-  for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
-    const auto [low, high] = at::vec::convert_to_float<half_t>(
-        at::vec::convert_from_float<half_t>(
-            FloatVec::loadu(data + i),
-            FloatVec::loadu(data + i + FloatVec::size())));
-    low.store(data + i);
-    high.store(data + i + FloatVec::size());
   }
-  for (; i < n; ++i) {
-    data[i] = static_cast<float>(static_cast<half_t>(data[i]));
-  }
+  return std::get<0>(at::vec::convert_to_float<half_t>(
+      at::vec::convert_from_float<half_t>(sums, sums)));
 }
 
 }  // namespace
