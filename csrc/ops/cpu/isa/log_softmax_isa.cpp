@@ -272,14 +272,14 @@ template <int kVectors, typename scalar_t>
 void forward_inner_task(
     const scalar_t* x, scalar_t* y, const ops::LogSoftmaxLayout& l,
     int64_t last_count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
+  using Vec = ComputeVec<scalar_t>;
+  using compute_t = at::opmath_type<scalar_t>;
+  constexpr compute_t kLowest = -std::numeric_limits<compute_t>::infinity();
   const auto count = [&](int v) {
     return v + 1 < kVectors ? Vec::size() : last_count;
   };
   const auto load = [&](int64_t d, int v) {
-    const scalar_t* at = x + d * l.inner + v * Vec::size();
-    return count(v) == Vec::size() ? Vec::loadu(at) : Vec::loadu(at, count(v));
+    return cpu::load(x + d * l.inner + v * Vec::size(), count(v));
   };
   Vec max[kVectors];
   Vec sum[kVectors];
@@ -303,8 +303,9 @@ void forward_inner_task(
   }
   for (int64_t d = 0; d < l.dim_size; ++d) {
     for (int v = 0; v < kVectors; ++v) {
-      ((load(d, v) - max[v]) - log_sum[v])
-          .store(y + d * l.inner + v * Vec::size(), count(v));
+      store(
+          (load(d, v) - max[v]) - log_sum[v], y + d * l.inner + v * Vec::size(),
+          count(v));
     }
   }
 }
@@ -312,7 +313,7 @@ void forward_inner_task(
 template <typename scalar_t>
 void forward_inner(
     const scalar_t* input, scalar_t* output, ops::LogSoftmaxLayout l) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using Vec = ComputeVec<scalar_t>;
   constexpr int64_t kWidth = kInnerVectors * Vec::size();
   const int64_t chunks = (l.inner + kWidth - 1) / kWidth;
   at::parallel_for(
@@ -358,13 +359,14 @@ void backward_inner(
       0, l.outer * blocks,
       std::max<int64_t>(1, kGrainElements / (l.dim_size * kInnerBlock)),
       [&](int64_t begin, int64_t end) {
-        scalar_t sums[kInnerBlock];
+        using compute_t = at::opmath_type<scalar_t>;
+        compute_t sums[kInnerBlock];
         for (int64_t task = begin; task < end; ++task) {
           const int64_t o = task / blocks;
           const int64_t j0 = (task % blocks) * kInnerBlock;
           const int64_t width = std::min(kInnerBlock, l.inner - j0);
           const int64_t offset = o * l.dim_size * l.inner + j0;
-          std::fill(sums, sums + width, scalar_t(0));
+          std::fill(sums, sums + width, compute_t(0));
           for (int64_t d = 0; d < l.dim_size; ++d) {
             const scalar_t* dy = grad_output + offset + d * l.inner;
             write_row(
@@ -493,6 +495,10 @@ void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
     });
     return;
   }
+  if (l.inner > 1 && !transposes_to_rows<float>(l)) {
+    forward_inner(x, y, l);
+    return;
+  }
   if (converts_whole_tensor(l)) {
     const auto buffer =
         std::make_unique_for_overwrite<float[]>(l.outer * slice);
@@ -522,6 +528,10 @@ void backward_half(
           dy + offset, y + offset, dx + offset, rows, l.dim_size,
           /*streaming=*/false);
     });
+    return;
+  }
+  if (!transposes_to_rows<float>(l)) {
+    backward_inner(dy, y, dx, l, /*streaming=*/false);
     return;
   }
   if (converts_whole_tensor(l)) {

@@ -53,6 +53,21 @@ at::vec::Vectorized<float> load(const half_t* data, int64_t count) {
   return load_as_float(data, count);
 }
 
+// out[0, count) = value's first `count` lanes, count up to its size.
+template <typename scalar_t>
+void store(
+    const at::vec::Vectorized<scalar_t>& value, scalar_t* out, int64_t count) {
+  value.store(out, count);
+}
+
+// Half precision: rounded from float32.
+template <typename half_t>
+  requires is_half_precision_v<half_t>
+void store(
+    const at::vec::Vectorized<float>& value, half_t* out, int64_t count) {
+  store_as_half(value, out, count);
+}
+
 // The first `count` lanes from `data`, the others set to `fill`.
 template <typename scalar_t>
 ComputeVec<scalar_t> load_partial(
