@@ -435,18 +435,22 @@ void backward_contiguous(
   }
 }
 
-// Half precision (bfloat16, float16). Rows of the last dim long enough to
-// be reduced along (and every backward along the last dim) run the row
-// kernels on the half-precision data, converting vectors as they are loaded
-// and stored: converted through a float32 copy, 256x32000 bfloat16 ran at
-// 0.96x native forward and 0.94x forward and backward, 16x256000 0.95x and
-// 0.81x. Other layouts: chunks of whole slices are converted
-// into float32 buffers that stay in L2, the float32 kernels run on the
-// buffers (their at::parallel_for runs inline inside this one's tasks), and
-// the results are rounded back: one read and one write of the half-precision
-// tensors, as native. A slice larger than a chunk is a chunk of its own
-// (from L2 or beyond); with fewer such slices than threads the whole tensor
-// is converted instead, so that the threads still share the work.
+// Half precision (bfloat16, float16). Along the last dim (the forward of
+// rows longer than kShortRow<float>, every backward) and with at least a
+// float32 vector of inner positions, the kernels run on the half-precision
+// data itself: they load float32 vectors from it and round what they store
+// (ComputeVec, load and store in log_softmax_rows.h). Through float32 copies
+// the conversions cost three more passes over L2, and bfloat16's rounding a
+// dozen instructions a vector: 256x32000 bfloat16 ran at 0.96x native
+// forward and 0.94x forward and backward, 16x256000 at 0.95x and 0.81x (two
+// threads). The other layouts go through the float32 kernels' transposes
+// and spread copies: chunks of whole slices are converted into float32
+// buffers that stay in L2, the float32 kernels run on the buffers (their
+// at::parallel_for runs inline inside this one's tasks), and the results are
+// rounded back: one read and one write of the half-precision tensors, as
+// native. A slice larger than a chunk is a chunk of its own (from L2 or
+// beyond); with fewer such slices than threads the whole tensor is converted
+// instead, so that the threads still share the work.
 constexpr int64_t kHalfChunkElements = 1 << 14;
 
 // Whether to convert the whole tensor rather than chunks: fewer slices than
