@@ -48,6 +48,18 @@ for dtype in (torch.float64, torch.float32):
             ours, native = ((torch.autograd.grad(t.sum() + (t * t).sum(), x)[0].double() - exact).abs().max().item()
                             for t in (y, r))
             assert ours <= max(2 * native, 1e-5 if dtype == torch.float32 else 1e-10), (shape, dtype, ours, native)
+# Half precision: the row and inner kernels converting vectors as they load and store (rows of 20 and 1003,
+# 40 inner positions; short rows backward), and the float32 buffers (the forward of rows of 10 and 20, 5 inner
+# positions). Within an ulp of the dtype, as in test_half_precision.py.
+for dtype, ulp in ((torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)):
+    for shape, dim in [((67, 10), 1), ((64, 20), 1), ((5, 1003), 1), ((3, 7, 40), 1), ((4, 37, 5), 1)]:
+        x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+        y, r = ptfast.log_softmax(x, dim), torch.log_softmax(x, dim)
+        torch.testing.assert_close(y, r, rtol=ulp, atol=ulp * max(1.0, x.detach().abs().max().item()))
+        g = torch.randn(shape).to(dtype)
+        (ours,), (native,) = (torch.autograd.grad(t, x, g) for t in (y, r))
+        sums = g.float().sum(dim).abs().max().item()
+        torch.testing.assert_close(ours, native, rtol=ulp, atol=ulp * max(1.0, sums))
 print("ok")
 """
 

@@ -192,14 +192,18 @@ def test_auto_rule_for_half_precision(dims, kwargs, dtype, expected):
 # ----------------------------------------------------------------------------- log_softmax
 
 # One shape per CPU path (see tests/test_log_softmax.py), and the slices
-# larger than a float32 chunk (half precision goes through float32 buffers of
-# 2**14 elements, or through the whole tensor beyond that).
+# larger than a float32 chunk. Half precision runs the row kernels on its own
+# data along the last dim (rows of more than 31 elements forward, every
+# backward), and elsewhere goes through float32 buffers of 2**14 elements, or
+# through the whole tensor beyond that.
 LOG_SOFTMAX_SHAPES = {
     "mnist-logits": ((64, 10), 1),
     "rows-of-one": ((37, 1), 1),
     "rows-across": ((37, 10), 1),
+    "rows-across-backward-along": ((37, 20), 1),
     "rows-along": ((9, 40), 1),
     "rows-long": ((3, 70000), 1),
+    "rows-prefetched": ((40, 60000), 1),
     "many-chunks": ((300, 1000), 1),
     "transposed-copies": ((7, 10, 2), 1),
     "transposed-registers": ((17, 10, 15), 1),
@@ -236,6 +240,53 @@ def test_log_softmax_matches_native(shape, dim, half):
     assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max()
     sums = grad.float().sum(dim).abs().max().item()
     torch.testing.assert_close(got, want, rtol=ULP[half], atol=ULP[half] * max(1.0, sums))
+
+
+# Backward layouts whose grad_input is rounded from float32 by each
+# conversion: the row kernels' stores (rows of at least a vector, and
+# shorter ones), and the float32 buffers of the other layouts.
+ROUNDING_LAYOUTS = {"rows": (6, 37, 1), "short-rows": (6, 10, 1), "small-inner": (6, 37, 3)}
+
+
+@pytest.mark.parametrize("layout", ROUNDING_LAYOUTS.values(), ids=ROUNDING_LAYOUTS.keys())
+def test_log_softmax_backward_rounds_as_torch_converts(layout, half):
+    # dx = dy - exp(y) * sum(dy) with y in {0, -inf}: exp(y) is exactly 1 or
+    # 0, so dx is dy itself (denormals, which VCVTNEPS2BF16 would flush to
+    # zero, signed zeros) or, where y = 0, minus the sum of the slice's other
+    # dy: a float32 value to round. Every sum is exact, so torch's float32
+    # reference is the same value, and the halves must be the bits torch's
+    # own .to(dtype) gives (bfloat16 NaN included).
+    outer, dim_size, inner = layout
+    tiny = torch.finfo(half).smallest_normal
+    big = torch.finfo(half).max
+    ulp = ULP[half]
+    passed = torch.tensor([tiny / 2, -tiny / 4, tiny / 64, 3.0, -0.0, -1.5, 2.0**-20] * dim_size)[:dim_size]
+    dy = torch.empty(outer, dim_size, inner)
+    for o in range(outer):
+        for j in range(inner):
+            dy[o, :, j] = passed * (-1) ** (o + j)
+    y = torch.full_like(dy, float("-inf"))
+    # Slices 0-3 at inner position 0, where y = 0 at d = 0: a tie rounded
+    # down to even, one rounded up to even, one past the tie, and an overflow
+    # to -inf.
+    others = [[1.0, ulp / 2], [1.0, 3 * ulp / 2], [1.0, ulp / 2, ulp * ulp], [big, big * ulp / 2]]
+    for o, values in enumerate(others):
+        dy[o, :, 0] = 0
+        dy[o, 1 : 1 + len(values), 0] = torch.tensor(values)
+        y[o, 0, 0] = 0
+    if inner > 1:
+        dy[0, 0, 1] = float("nan")  # the slice's sum and every dx: NaN
+        dy[1, 2, 2] = float("inf")  # sum inf, dx = dy - 0 * inf: NaN
+    dy, y = dy.to(half), y.to(half)
+    got = torch.ops.ptfast._log_softmax_backward(dy.squeeze(-1), y.squeeze(-1), 1).view(outer, dim_size, inner)
+    want = (dy.float() - y.float().exp() * dy.float().sum(1, keepdim=True)).to(half)
+    assert got[:4, 0, 0].tolist() == [-1.0, -(1 + 2 * ulp), -(1 + ulp), float("-inf")]
+    denormals = got[4:, 7:10, 0].abs()  # passed[0:3]
+    assert ((denormals > 0) & (denormals < tiny)).all()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.view(torch.int16)[~got.isnan()], want.view(torch.int16)[~want.isnan()])
+    if half == torch.bfloat16:
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_log_softmax_edge_values(half):

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -225,8 +224,7 @@ C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_as(
   if constexpr (std::is_same_v<scalar_t, input_t>) {
     return at::vec::Vectorized<scalar_t>::loadu(src, count);
   } else {
-    return std::get<0>(at::vec::convert_to_float<input_t>(
-        at::vec::Vectorized<input_t>::loadu(src, count)));
+    return load_as_float(src, count);
   }
 }
 

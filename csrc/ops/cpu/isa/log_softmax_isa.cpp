@@ -42,6 +42,18 @@ bool use_streaming_stores(const at::Tensor& grad_input) {
   return grad_input.nbytes() >= kStreamingBytes;
 }
 
+// Calls rows_fn(offset, row_count) for blocks of rows of the last dim
+// (inner == 1) at element `offset`, in parallel.
+template <typename RowsFn>
+void for_each_block_of_rows(
+    const ops::LogSoftmaxLayout& l, const RowsFn& rows_fn) {
+  at::parallel_for(
+      0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
+      [&](int64_t begin, int64_t end) {
+        rows_fn(begin * l.dim_size, end - begin);
+      });
+}
+
 // Bytes of (dim_size, inner) slices transposed together: with their
 // transposed copies, they stay in L1 from the transpose through the passes
 // over the rows and back.
@@ -260,14 +272,14 @@ template <int kVectors, typename scalar_t>
 void forward_inner_task(
     const scalar_t* x, scalar_t* y, const ops::LogSoftmaxLayout& l,
     int64_t last_count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
+  using Vec = ComputeVec<scalar_t>;
+  using compute_t = at::opmath_type<scalar_t>;
+  constexpr compute_t kLowest = -std::numeric_limits<compute_t>::infinity();
   const auto count = [&](int v) {
     return v + 1 < kVectors ? Vec::size() : last_count;
   };
   const auto load = [&](int64_t d, int v) {
-    const scalar_t* at = x + d * l.inner + v * Vec::size();
-    return count(v) == Vec::size() ? Vec::loadu(at) : Vec::loadu(at, count(v));
+    return cpu::load(x + d * l.inner + v * Vec::size(), count(v));
   };
   Vec max[kVectors];
   Vec sum[kVectors];
@@ -291,8 +303,9 @@ void forward_inner_task(
   }
   for (int64_t d = 0; d < l.dim_size; ++d) {
     for (int v = 0; v < kVectors; ++v) {
-      ((load(d, v) - max[v]) - log_sum[v])
-          .store(y + d * l.inner + v * Vec::size(), count(v));
+      store(
+          (load(d, v) - max[v]) - log_sum[v], y + d * l.inner + v * Vec::size(),
+          count(v));
     }
   }
 }
@@ -300,7 +313,7 @@ void forward_inner_task(
 template <typename scalar_t>
 void forward_inner(
     const scalar_t* input, scalar_t* output, ops::LogSoftmaxLayout l) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using Vec = ComputeVec<scalar_t>;
   constexpr int64_t kWidth = kInnerVectors * Vec::size();
   const int64_t chunks = (l.inner + kWidth - 1) / kWidth;
   at::parallel_for(
@@ -346,13 +359,14 @@ void backward_inner(
       0, l.outer * blocks,
       std::max<int64_t>(1, kGrainElements / (l.dim_size * kInnerBlock)),
       [&](int64_t begin, int64_t end) {
-        scalar_t sums[kInnerBlock];
+        using compute_t = at::opmath_type<scalar_t>;
+        compute_t sums[kInnerBlock];
         for (int64_t task = begin; task < end; ++task) {
           const int64_t o = task / blocks;
           const int64_t j0 = (task % blocks) * kInnerBlock;
           const int64_t width = std::min(kInnerBlock, l.inner - j0);
           const int64_t offset = o * l.dim_size * l.inner + j0;
-          std::fill(sums, sums + width, scalar_t(0));
+          std::fill(sums, sums + width, compute_t(0));
           for (int64_t d = 0; d < l.dim_size; ++d) {
             const scalar_t* dy = grad_output + offset + d * l.inner;
             write_row(
@@ -421,13 +435,22 @@ void backward_contiguous(
   }
 }
 
-// Half precision (bfloat16, float16): chunks of whole slices are converted
-// into float32 buffers that stay in L2, the float32 kernels run on the
-// buffers (their at::parallel_for runs inline inside this one's tasks), and
-// the results are rounded back: one read and one write of the half-precision
-// tensors, as native. A slice larger than a chunk is a chunk of its own
-// (from L2 or beyond); with fewer such slices than threads the whole tensor
-// is converted instead, so that the threads still share the work.
+// Half precision (bfloat16, float16). Along the last dim (the forward of
+// rows longer than kShortRow<float>, every backward) and with at least a
+// float32 vector of inner positions, the kernels run on the half-precision
+// data itself: they load float32 vectors from it and round what they store
+// (ComputeVec, load and store in log_softmax_rows.h). Through float32 copies
+// the conversions cost three more passes over L2, and bfloat16's rounding a
+// dozen instructions a vector: 256x32000 bfloat16 ran at 0.96x native
+// forward and 0.94x forward and backward, 16x256000 at 0.95x and 0.81x (two
+// threads). The other layouts go through the float32 kernels' transposes
+// and spread copies: chunks of whole slices are converted into float32
+// buffers that stay in L2, the float32 kernels run on the buffers (their
+// at::parallel_for runs inline inside this one's tasks), and the results are
+// rounded back: one read and one write of the half-precision tensors, as
+// native. A slice larger than a chunk is a chunk of its own (from L2 or
+// beyond); with fewer such slices than threads the whole tensor is converted
+// instead, so that the threads still share the work.
 constexpr int64_t kHalfChunkElements = 1 << 14;
 
 // Whether to convert the whole tensor rather than chunks: fewer slices than
@@ -447,10 +470,11 @@ void for_each_half_chunk(
       std::min(l.outer, std::max<int64_t>(1, kHalfChunkElements / slice));
   const int64_t chunks = (l.outer + per_chunk - 1) / per_chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffers(buffer_count * per_chunk * slice);
+    const auto buffers = std::make_unique_for_overwrite<float[]>(
+        buffer_count * per_chunk * slice);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * per_chunk;
-      chunk_fn(first, std::min(per_chunk, l.outer - first), buffers.data());
+      chunk_fn(first, std::min(per_chunk, l.outer - first), buffers.get());
     }
   });
 }
@@ -467,13 +491,26 @@ void convert_in_parallel(
 template <typename half_t>
 void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
+  if (l.inner == 1 && l.dim_size > kShortRow<float>) {
+    const int64_t bytes = l.outer * l.dim_size * sizeof(half_t);
+    for_each_block_of_rows(l, [&](int64_t offset, int64_t rows) {
+      forward_rows_along(
+          x + offset, y + offset, rows, l.dim_size, bytes >= kPrefetchBytes);
+    });
+    return;
+  }
+  if (l.inner > 1 && !transposes_to_rows<float>(l)) {
+    forward_inner(x, y, l);
+    return;
+  }
   if (converts_whole_tensor(l)) {
-    std::vector<float> buffer(l.outer * slice);
+    const auto buffer =
+        std::make_unique_for_overwrite<float[]>(l.outer * slice);
     convert_in_parallel(
-        x, buffer.data(), l.outer * slice, half_to_float<half_t>);
-    forward_contiguous<float>(buffer.data(), buffer.data(), l);
+        x, buffer.get(), l.outer * slice, half_to_float<half_t>);
+    forward_contiguous<float>(buffer.get(), buffer.get(), l);
     convert_in_parallel(
-        buffer.data(), y, l.outer * slice, float_to_half<half_t>);
+        buffer.get(), y, l.outer * slice, float_to_half<half_t>);
     return;
   }
   for_each_half_chunk(l, 1, [&](int64_t first, int64_t count, float* buffer) {
@@ -489,10 +526,22 @@ void backward_half(
     const half_t* dy, const half_t* y, half_t* dx,
     const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
+  if (l.inner == 1) {
+    for_each_block_of_rows(l, [&](int64_t offset, int64_t rows) {
+      backward_rows(
+          dy + offset, y + offset, dx + offset, rows, l.dim_size,
+          /*streaming=*/false);
+    });
+    return;
+  }
+  if (!transposes_to_rows<float>(l)) {
+    backward_inner(dy, y, dx, l, /*streaming=*/false);
+    return;
+  }
   if (converts_whole_tensor(l)) {
     const int64_t n = l.outer * slice;
-    std::vector<float> buffers(2 * n);
-    float* grad = buffers.data();
+    const auto buffers = std::make_unique_for_overwrite<float[]>(2 * n);
+    float* grad = buffers.get();
     float* out = grad + n;
     convert_in_parallel(dy, grad, n, half_to_float<half_t>);
     convert_in_parallel(y, out, n, half_to_float<half_t>);

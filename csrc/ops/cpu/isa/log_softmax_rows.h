@@ -9,8 +9,15 @@
 //
 // Long rows are bound by memory beyond the caches: the forward's sum pass
 // prefetches the next row and the lines the output goes to.
+//
+// The long-row forward and the backward also take bfloat16 and float16
+// rows, computed in float32 vectors converted on load and store: one read
+// of the half-precision tensors per pass, no float32 copy.
 #pragma once
 
+#include "ops/cpu/isa/half_precision.h"
+
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -27,12 +34,50 @@
 namespace ptfast::cpu {
 namespace {
 
+// The vectors the kernels compute in for elements of scalar_t: float32 for
+// half precision.
+template <typename scalar_t>
+using ComputeVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+
+// data[0, count) for count up to the vector's size, zeros past it.
+template <typename scalar_t>
+at::vec::Vectorized<scalar_t> load(const scalar_t* data, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  return count == Vec::size() ? Vec::loadu(data) : Vec::loadu(data, count);
+}
+
+// Half precision: in float32. Overloads (this, store's and write_row's)
+// rather than branches in the float32/float64 templates, which stay as they
+// were: routing their loads and stores through shared wrappers moved where
+// GCC contracts a multiply and a subtraction into an FMA, and float64
+// gradients by an ulp.
+template <typename half_t>
+  requires is_half_precision_v<half_t>
+at::vec::Vectorized<float> load(const half_t* data, int64_t count) {
+  return load_as_float(data, count);
+}
+
+// out[0, count) = value's first `count` lanes, count up to its size.
+template <typename scalar_t>
+void store(
+    const at::vec::Vectorized<scalar_t>& value, scalar_t* out, int64_t count) {
+  value.store(out, count);
+}
+
+// Half precision: rounded from float32.
+template <typename half_t>
+  requires is_half_precision_v<half_t>
+void store(
+    const at::vec::Vectorized<float>& value, half_t* out, int64_t count) {
+  store_as_half(value, out, count);
+}
+
 // The first `count` lanes from `data`, the others set to `fill`.
 template <typename scalar_t>
-at::vec::Vectorized<scalar_t> load_partial(
-    const scalar_t* data, int64_t count, scalar_t fill) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  return Vec::set(Vec(fill), Vec::loadu(data, count), count);
+ComputeVec<scalar_t> load_partial(
+    const scalar_t* data, int64_t count, at::opmath_type<scalar_t> fill) {
+  using Vec = ComputeVec<scalar_t>;
+  return Vec::set(Vec(fill), load(data, count), count);
 }
 
 // The cache line at `address`, asked for ahead of its use: to be read (into
@@ -105,11 +150,19 @@ void write_row(
   }
 }
 
-// data[0, count) for count up to the vector's size, zeros past it.
-template <typename scalar_t>
-at::vec::Vectorized<scalar_t> load(const scalar_t* data, int64_t count) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  return count == Vec::size() ? Vec::loadu(data) : Vec::loadu(data, count);
+// Half precision: float32 values, rounded as they are stored; never
+// streamed.
+template <typename half_t, typename Value>
+  requires is_half_precision_v<half_t>
+void write_row(half_t* out, int64_t length, bool, const Value& value) {
+  using Vec = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= length; i += Vec::size()) {
+    store_as_half(value(i, Vec::size()), out + i, Vec::size());
+  }
+  if (i < length) {
+    store_as_half(value(i, length - i), out + i, length - i);
+  }
 }
 
 // e^x lane-wise. On AVX-512 float32, inlined: at::vec's exp calls Sleef out
@@ -222,15 +275,16 @@ template <typename scalar_t>
 void forward_rows_along(
     const scalar_t* input, scalar_t* output, int64_t rows, int64_t length,
     bool prefetch) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr scalar_t kLowest = -std::numeric_limits<scalar_t>::infinity();
+  using Vec = ComputeVec<scalar_t>;
+  using compute_t = at::opmath_type<scalar_t>;
+  constexpr compute_t kLowest = -std::numeric_limits<compute_t>::infinity();
   const int64_t full = length - length % Vec::size();
   const int64_t rest = length - full;
   const int64_t group = std::clamp<int64_t>(
       kGroupBytes / (length * static_cast<int64_t>(sizeof(scalar_t))), 1,
       kMaxGroupRows);
-  scalar_t maxima[kMaxGroupRows];
-  scalar_t sums[kMaxGroupRows];
+  compute_t maxima[kMaxGroupRows];
+  compute_t sums[kMaxGroupRows];
   for (int64_t first = 0; first < rows; first += group) {
     const int64_t count = std::min(group, rows - first);
     // Phase by phase over the group's rows: each row's maximum, then each
@@ -240,12 +294,12 @@ void forward_rows_along(
       const scalar_t* x = input + (first + r) * length;
       Vec max_v(kLowest);
       for (int64_t i = 0; i < full; i += Vec::size()) {
-        max_v = max_ignoring_nan(max_v, Vec::loadu(x + i));
+        max_v = max_ignoring_nan(max_v, load(x + i, Vec::size()));
       }
       if (rest > 0) {
         max_v = max_ignoring_nan(max_v, load_partial(x + full, rest, kLowest));
       }
-      maxima[r] = at::vec::vec_reduce_all<scalar_t>(
+      maxima[r] = at::vec::vec_reduce_all<compute_t>(
           [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_v);
     }
     for (int64_t r = 0; r < count; ++r) {
@@ -263,12 +317,12 @@ void forward_rows_along(
           }
           prefetch_for_write(y + i);
         }
-        sum_v += exp(Vec::loadu(x + i) - max);
+        sum_v += exp(load(x + i, Vec::size()) - max);
       }
       if (rest > 0) {
         sum_v += exp(load_partial(x + full, rest, kLowest) - max);
       }
-      sums[r] = at::vec::vec_reduce_all<scalar_t>(
+      sums[r] = at::vec::vec_reduce_all<compute_t>(
           [](Vec& a, Vec& b) { return a + b; }, sum_v);
     }
     // Native takes the logarithm of its row sums with the vectorised log
@@ -323,17 +377,18 @@ template <typename scalar_t>
 void backward_short_rows(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
     int64_t rows, int64_t length) {
+  using compute_t = at::opmath_type<scalar_t>;
   const int64_t block_rows =
       std::min<int64_t>(kShortBackwardBlockRows, std::max<int64_t>(rows, 1));
-  std::vector<scalar_t> spread(block_rows * length);
+  std::vector<compute_t> spread(block_rows * length);
   for (int64_t first = 0; first < rows; first += block_rows) {
     const int64_t count = std::min(block_rows, rows - first);
     const int64_t offset = first * length;
     for (int64_t r = 0; r < count; ++r) {
       const scalar_t* dy = grad_output + offset + r * length;
-      scalar_t sum = 0;
+      compute_t sum = 0;
       for (int64_t j = 0; j < length; ++j) {
-        sum += dy[j];
+        sum += static_cast<compute_t>(dy[j]);
       }
       std::fill_n(spread.data() + r * length, length, sum);
     }
@@ -357,7 +412,8 @@ template <typename scalar_t>
 void backward_rows(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
     int64_t rows, int64_t length, bool streaming) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using Vec = ComputeVec<scalar_t>;
+  using compute_t = at::opmath_type<scalar_t>;
   if (length < Vec::size()) {
     backward_short_rows(grad_output, output, grad_input, rows, length);
     return;
@@ -370,13 +426,13 @@ void backward_rows(
     scalar_t* dx = grad_input + row * length;
     Vec sum_v(0);
     for (int64_t i = 0; i < full; i += Vec::size()) {
-      sum_v += Vec::loadu(dy + i);
+      sum_v += load(dy + i, Vec::size());
     }
     if (rest > 0) {
-      sum_v += Vec::loadu(dy + full, rest);
+      sum_v += load(dy + full, rest);
     }
     const Vec sum =
-        Vec(at::vec::vec_reduce_all<scalar_t>(
+        Vec(at::vec::vec_reduce_all<compute_t>(
             [](Vec& a, Vec& b) { return a + b; }, sum_v));
     write_row(dx, length, streaming, [&](int64_t i, int64_t count) {
       return load(dy + i, count) - exp(load(y + i, count)) * sum;
