@@ -11,10 +11,13 @@
 //   (compilers, tensor subclasses, __torch_function__ modes), so both reach
 //   the same kernels and autograd;
 // - the process-wide settings that are not arguments of an op
-//   (ptfast.backends) and the peak-rate probe of ptfast-bench.
+//   (ptfast.backends), the path a block call would take on a device, and the
+//   peak-rate probe of ptfast-bench.
 #include "ops/conv2d_relu_max_pool2d.h"
 #include "ops/conv_block_path.h"
+#include "ops/cpu/conv2d_relu_max_pool2d_path.h"
 #include "ops/cpu/peak_flops.h"
+#include "ops/cuda/conv2d_relu_max_pool2d_path.h"
 #include "ops/log_softmax.h"
 
 #include <pybind11/pybind11.h>
@@ -58,6 +61,33 @@ void set_conv_block(const std::string& device, const py::object& value) {
   ptfast::ops::set_conv_block_policy(device_type, path);
 }
 
+// "direct" or "vendor": the path a block call with these arguments takes on
+// `device` now (its forward, or its backward). Only shapes (and on the CPU
+// the dtype) are read, so meta tensors do.
+std::string conv_block_path(
+    const std::string& device, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, at::IntArrayRef pool_kernel_size,
+    at::IntArrayRef pool_stride, at::IntArrayRef pool_padding, bool ceil_mode,
+    bool backward) {
+  const c10::DeviceType device_type = backend_device(device);
+  HANDLE_TH_ERRORS
+  const auto params = ptfast::ops::make_conv2d_relu_max_pool2d_params(
+      stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, ceil_mode);
+  const auto shape = ptfast::ops::check_conv2d_relu_max_pool2d_inputs(
+      input, weight, std::nullopt, params);
+  const auto pass = backward ? ptfast::ops::ConvBlockPass::kBackward
+                             : ptfast::ops::ConvBlockPass::kForward;
+  return std::string(
+      ptfast::ops::conv_block_path_name(
+          device_type == c10::DeviceType::CPU
+              ? ptfast::cpu::choose_path(
+                    shape, params, pass, input.scalar_type())
+              : ptfast::cuda::choose_path(shape, params, pass)));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 // The GIL is released around the op, as torch's own bindings do; errors
 // become the Python exceptions torch.ops would raise (TypeError, ValueError,
 // IndexError, ...), warnings Python warnings.
@@ -95,6 +125,9 @@ PYBIND11_MODULE(_C, m) {
       "_get_conv_block", &get_conv_block,
       "The conv-block path policy of a device: 'auto', 'direct' or 'vendor'.");
   m.def("_set_conv_block", &set_conv_block, "Sets a device's policy.");
+  m.def(
+      "_conv_block_path", &conv_block_path,
+      "The path ('direct' or 'vendor') a block call takes on a device.");
   m.def(
       "_peak_fp32_gflops", [] { return ptfast::cpu::peak_fp32_gflops(); },
       py::call_guard<py::gil_scoped_release>(),

@@ -34,7 +34,6 @@ import os
 from collections.abc import Iterator
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ptfast import _C
@@ -44,15 +43,11 @@ __all__ = ["cpu", "cuda"]
 
 ConvBlock = Literal["auto", "direct", "vendor"]
 
-_PATH_NAMES = {1: "direct", 2: "vendor"}
-
-
 class _Backend:
     """``ptfast.backends.cpu`` or ``ptfast.backends.cuda``: settings of one device's kernels."""
 
     def __init__(self, device: Literal["cpu", "cuda"]) -> None:
         self._device = device
-        self._path_op = getattr(torch.ops.ptfast, f"_conv2d_relu_max_pool2d_{device}_path")
         environment_variable = f"PTFAST_{device.upper()}_CONV_BLOCK"
         if environment_variable in os.environ:
             try:
@@ -106,8 +101,7 @@ class _Backend:
         input, arguments = block_arguments(
             input, weight, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding, ceil_mode
         )
-        path = self._path_op(input, weight, *arguments, backward)
-        return _PATH_NAMES[path]
+        return _C._conv_block_path(self._device, input, weight, *arguments, backward)
 
 
 cpu = _Backend("cpu")
