@@ -10,17 +10,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import ptfast
+from common_utils import block_inputs
 from ptfast import _C
 
 BLOCK_ARGS = ([1, 1], [1, 1], [1, 1], 1, [2, 2], [2, 2], [0, 0], False)
-
-
-def _block_inputs(dtype: torch.dtype = torch.float64):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 9, 9, dtype=dtype, generator=generator, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=dtype, generator=generator, requires_grad=True)
-    b = torch.randn(4, dtype=dtype, generator=generator, requires_grad=True)
-    return x, w, b
 
 
 @pytest.fixture
@@ -71,7 +64,7 @@ def test_entries_agree_forward_and_backward(dtype, eager_calls):
     assert torch.equal(eager, boxed)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (eager, boxed)))
 
-    x, w, b = _block_inputs(dtype)
+    x, w, b = block_inputs(2, 3, 4, 9, 9, 3, 1, True, dtype)
     eager = ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1)
     boxed = torch.ops.ptfast.conv2d_relu_max_pool2d(x, w, b, *BLOCK_ARGS)
     assert eager_calls["block"] == 1
@@ -83,14 +76,14 @@ def test_entries_agree_forward_and_backward(dtype, eager_calls):
 
 def test_parameters_take_the_eager_entry(eager_calls):
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
-    x, _, _ = _block_inputs()
+    x, _, _ = block_inputs(2, 3, 4, 9, 9, 3, 1, True, torch.float64)
     ptfast.conv2d_relu_max_pool2d(x, conv.weight, conv.bias, padding=1)
     ptfast.log_softmax(torch.nn.Parameter(torch.randn(3, 4)), 1)
     assert eager_calls == {"log_softmax": 1, "block": 1}
 
 
 def test_torch_function_mode_sees_the_operators(eager_calls):
-    x, w, b = _block_inputs()
+    x, w, b = block_inputs(2, 3, 4, 9, 9, 3, 1, True, torch.float64)
     with _RecordingMode() as mode:
         ptfast.log_softmax(x.detach(), 1)
         ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1)
@@ -111,7 +104,7 @@ def test_tensor_subclass_torch_function_sees_the_operators(eager_calls):
 
 
 def test_torch_compile_traces_the_operators_in_one_graph(eager_calls):
-    x, w, b = (t.detach() for t in _block_inputs(torch.float32))
+    x, w, b = (t.detach() for t in block_inputs(2, 3, 4, 9, 9, 3, 1, True, torch.float32))
 
     def model(x):
         return ptfast.log_softmax(ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1).flatten(1), 1)
