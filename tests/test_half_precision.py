@@ -203,6 +203,7 @@ LOG_SOFTMAX_SHAPES = {
     "rows-across-backward-along": ((37, 20), 1),
     "rows-along": ((9, 40), 1),
     "rows-long": ((3, 70000), 1),
+    "rows-long-one-read": ((2, 140000), 1),
     "rows-prefetched": ((40, 60000), 1),
     "many-chunks": ((300, 1000), 1),
     "transposed-copies": ((7, 10, 2), 1),

@@ -38,7 +38,8 @@ def test_matches_native(shape, dim, dtype, device):
 # One shape per CPU path (csrc/ops/cpu/isa/log_softmax_isa.cpp): rows of one
 # element; rows shorter than a vector (the backward's scalar sums, 256 rows a
 # block); rows shorter than two vectors reduced across a block (16 rows a
-# block on AVX-512 float32, a partial last block); longer rows along their length; a non-last
+# block on AVX-512 float32, a partial last block); longer rows along their length;
+# rows of 256 KiB and more, maximum and sum in one read, chunk by chunk; a non-last
 # dim with fewer inner positions than a vector, transposed to rows by copies
 # (inner < 4) or register transposes, in chunks of slices or a slice larger
 # than a chunk, or (short dims) reduced along dim through spread maxima and
@@ -49,6 +50,7 @@ PATHS = {
     "rows-across": ((37, 10), 1),
     "rows-across-full-blocks": ((32, 31), 1),
     "rows-along": ((9, 40), 1),
+    "rows-long-one-read": ((3, 70001), 1),
     "transposed-copies": ((7, 10, 2), 1),
     "transposed-registers": ((17, 40, 15), 1),
     "along-dim-spread": ((17, 10, 15), 1),
@@ -73,11 +75,12 @@ def test_each_path_keeps_nan_and_inf(shape, dim, dtype, device):
     _check(x, dim, equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(17, 1000, 15), (2, 100000, 2), (64, 1000, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(17, 1000, 15), (2, 100000, 2), (64, 1000, 4), (4, 300001)], ids=str)
 def test_long_reductions_at_least_as_accurate_as_native(shape):
     # Along a non-last dim native sums one element after another; ptfast's
-    # transposed rows sum in vector lanes, a different rounding: compare both
-    # with float64 instead of with each other.
+    # transposed rows sum in vector lanes, and rows of 256 KiB and more rescale
+    # their partial sums as the maximum rises: a different rounding, so
+    # compare both with float64 instead of with each other.
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 3).requires_grad_()
     grad = torch.randn(shape, generator=g)
@@ -93,6 +96,26 @@ def test_long_reductions_at_least_as_accurate_as_native(shape):
         else:
             native = errors
     assert ours[0] <= max(native[0], 1e-6) and ours[1] <= max(native[1], 1e-5), (ours, native)
+
+
+def test_long_rows_chunk_by_chunk(dtype):
+    # Rows of 256 KiB and more take their maximum and sum chunk by chunk
+    # (2048 elements), rescaling the sum when a chunk raises the maximum.
+    # Rows: -inf for the first chunks, then values; a maximum that rises in
+    # every chunk; -inf except in the last, partial vector; one whole chunk
+    # of NaN past finite chunks; plain values.
+    n = 70001
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, n, dtype=dtype, generator=g) * 3
+    x[0, :5000] = -float("inf")
+    x[1] = torch.linspace(-40, 40, n, dtype=dtype) + x[1] * 0.01
+    x[2, :-1] = -float("inf")
+    x[3, 4096:6144] = float("nan")
+    assert x[0].nbytes >= 256 << 10
+    out = ptfast.log_softmax(x, 1)
+    assert out[0, :5000].eq(-float("inf")).all() and out[0, 5000:].isfinite().all()
+    assert out[2, -1] == 0 and out[3].isnan().all()
+    _check(x, 1, equal_nan=True)
 
 
 def test_non_contiguous(dtype):
