@@ -118,6 +118,26 @@ def test_long_rows_chunk_by_chunk(dtype):
     _check(x, 1, equal_nan=True)
 
 
+@pytest.mark.parametrize("shape", [(1, 300001), (3, 140000)], ids=str)
+def test_long_rows_same_on_any_thread_count(shape, dtype):
+    # Rows of 256 KiB and more reduce parts of 2**16 elements and combine them
+    # in order, whether one thread takes a row or, with fewer rows than
+    # threads, several share it: bitwise the same results on 1 to 3 threads.
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 70000:75000] = -float("inf")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(ptfast.log_softmax(x, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    # Gradients of such rows: test_long_reductions_at_least_as_accurate_as_native.
+    torch.testing.assert_close(outs[0], F.log_softmax(x, 1), **tolerances(dtype))
+
+
 def test_non_contiguous(dtype):
     x = torch.randn(6, 40, dtype=dtype).t()
     assert not x.is_contiguous()
@@ -138,15 +158,16 @@ def test_random_shapes(shape, data, dtype):
     _check(torch.randn(shape, dtype=dtype) * 10, dim)
 
 
-STREAMED = [((6300, 1001), 1), ((100, 65536), 1), ((3, 21, 100003), 1)]
+STREAMED = [((6300, 1001), 1), ((100, 65536), 1), ((3, 21, 100003), 1), ((40, 70001), 1)]
 
 
-@pytest.mark.parametrize("shape,dim", STREAMED, ids=["rows-misaligned", "rows-aligned", "inner-dim"])
+@pytest.mark.parametrize("shape,dim", STREAMED, ids=["rows-misaligned", "rows-aligned", "inner-dim", "long-rows"])
 def test_outputs_written_with_streaming_stores(shape, dim, dtype):
-    # From 24 MiB the CPU backward writes around the caches: the vector-aligned
-    # parts streamed, each row's unaligned ends stored normally.
+    # From 24 MiB the CPU backward writes around the caches, and from 8 MiB
+    # the forward of rows of 256 KiB or more: the vector-aligned parts
+    # streamed, each row's unaligned ends stored normally.
     x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
-    assert x.nbytes >= 24 << 20
+    assert x.nbytes >= 8 << 20
     _check(x, dim)
 
 
