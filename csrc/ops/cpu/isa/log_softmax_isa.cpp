@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
-#include <utility>
 #include <vector>
 
 namespace ptfast::cpu {
@@ -404,12 +403,12 @@ void forward_few_long_rows(
     const scalar_t* x, scalar_t* y, int64_t rows, int64_t length,
     bool streaming) {
   using compute_t = at::opmath_type<scalar_t>;
-  const int64_t parts = (length + kLongRowPart - 1) / kLongRowPart;
-  // Task t is part t % parts of row t / parts: its first element and length.
+  const int64_t parts = long_row_parts(length);
+  // Task t is part t % parts of row t / parts: its first element in the
+  // tensor and its length.
   auto extent = [&](int64_t task) {
-    const int64_t begin = (task % parts) * kLongRowPart;
-    return std::pair<int64_t, int64_t>(
-        task / parts * length + begin, std::min(kLongRowPart, length - begin));
+    const LongRowPart part = long_row_part(length, task % parts);
+    return LongRowPart{task / parts * length + part.begin, part.length};
   };
   std::vector<RowPartial<compute_t>> partials(rows * parts);
   at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {

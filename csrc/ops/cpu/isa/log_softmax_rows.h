@@ -369,6 +369,20 @@ constexpr int64_t kStreamedOutputBytes = 8 << 20;
 // thread count.
 constexpr int64_t kLongRowPart = 1 << 16;
 
+// The parts of a long row of `length`, and where part `part` starts and how
+// long it is.
+inline int64_t long_row_parts(int64_t length) {
+  return (length + kLongRowPart - 1) / kLongRowPart;
+}
+struct LongRowPart {
+  int64_t begin;
+  int64_t length;
+};
+inline LongRowPart long_row_part(int64_t length, int64_t part) {
+  const int64_t begin = part * kLongRowPart;
+  return {begin, std::min(kLongRowPart, length - begin)};
+}
+
 // The maximum of part of a row (never NaN) and the sum of e^(x - max) over
 // it, 0 where every element is -inf.
 template <typename compute_t>
@@ -489,14 +503,13 @@ void forward_long_rows(
     const scalar_t* input, scalar_t* output, int64_t rows, int64_t length,
     bool streaming) {
   using compute_t = at::opmath_type<scalar_t>;
-  const int64_t parts = (length + kLongRowPart - 1) / kLongRowPart;
+  const int64_t parts = long_row_parts(length);
   std::vector<RowPartial<compute_t>> partials(parts);
   for (int64_t row = 0; row < rows; ++row) {
     const scalar_t* x = input + row * length;
     for (int64_t part = 0; part < parts; ++part) {
-      const int64_t begin = part * kLongRowPart;
-      partials[part] = long_row_partial(
-          x + begin, std::min(kLongRowPart, length - begin));
+      const LongRowPart extent = long_row_part(length, part);
+      partials[part] = long_row_partial(x + extent.begin, extent.length);
     }
     write_long_row(
         x, output + row * length, length,
