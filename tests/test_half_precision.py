@@ -66,6 +66,17 @@ def test_block_matches_native_exactly(shape, kwargs, half, path):
         _assert_equal(a, e, f"grad {name}")
 
 
+@pytest.mark.parametrize("shape,kwargs", [(s, k) for _, s, k in GRID], ids=[i for i, _, _ in GRID])
+def test_block_inference_matches_native_exactly(shape, kwargs, half):
+    # Without gradients the direct kernel keeps the conv sums in float32 and
+    # rounds only the pooled values; the bits must still be native's.
+    x, w, b = (t.detach().to(half) if t is not None else None for t in grid_inputs(shape, torch.float32))
+    kwargs = {**kwargs, "groups": shape.get("groups", 1)}
+    with ptfast.backends.cpu.flags(conv_block="direct"), torch.no_grad():
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b, **kwargs)
+    _assert_equal(out, native_block(x, w, b, **kwargs), "output")
+
+
 def test_direct_path_rounds_conv_outputs_before_pooling(half):
     # Distinct float32 conv outputs 1 + k * ulp / 8 (k = 0..3) that all round
     # to 1: the direct kernel computes them in float32, and must round them
@@ -110,14 +121,16 @@ def _rounding_case(case: str, half: torch.dtype) -> tuple[torch.Tensor, torch.Te
     return x, torch.ones(1, 2, 1, 1), 1
 
 
+@pytest.mark.parametrize("with_grad", [True, False], ids=["with_grad", "inference"])
 @pytest.mark.parametrize("case", ["subnormal sums", "overflowing sums", "inf and nan"])
-def test_direct_path_rounds_like_a_store_in_the_dtype(half, case):
-    # The direct kernel rounds its float32 conv sums to the dtype in registers.
-    # Sums of products of small integers times powers of two are exact in
-    # float32, so the reference is native's float32 block with the conv output
-    # stored in the dtype: subnormal sums with bits below the dtype's smallest
-    # value (ties to even included), sums past its largest finite value, and
-    # inf and NaN inputs.
+def test_direct_path_rounds_like_a_store_in_the_dtype(half, case, with_grad):
+    # The direct kernel rounds its float32 conv sums to the dtype in registers
+    # (with gradients), or only the pooled values (inference). Sums of
+    # products of small integers times powers of two are exact in float32, so
+    # the reference is native's float32 block with the conv output stored in
+    # the dtype: subnormal sums with bits below the dtype's smallest value
+    # (ties to even included), sums past its largest finite value, and inf and
+    # NaN inputs.
     x, w, pool = _rounding_case(case, half)
     xh, wh = x.to(half), w.to(half)
     _assert_equal(xh.float(), x, "input exact in the dtype")
@@ -126,11 +139,13 @@ def test_direct_path_rounds_like_a_store_in_the_dtype(half, case):
     xf = x.clone().requires_grad_()
     ref = F.max_pool2d(F.relu(F.conv2d(xf, w).to(half)), pool)
     with ptfast.backends.cpu.flags(conv_block="direct"):
-        xh.requires_grad_()
+        xh.requires_grad_(with_grad)
         out = ptfast.conv2d_relu_max_pool2d(xh, wh, pool_kernel_size=pool)
     _assert_equal(out, ref, "output")
     if case == "overflowing sums":
         assert out.isinf().any() and out.isfinite().any()
+    if not with_grad:
+        return
     grad = torch.ones_like(ref)
     # Which conv output each window's gradient reaches is the arg-max choice.
     (want,) = torch.autograd.grad(ref, xf, grad)

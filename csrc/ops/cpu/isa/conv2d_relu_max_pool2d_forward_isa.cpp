@@ -279,17 +279,12 @@ void stage_shifted_columns(
   }
 }
 
-// The forward in the tensors' dtype data_t. A half-precision call (bfloat16,
-// float16) computes in float32, as native's CPU kernels do: the input is
-// converted while it is staged, the weights once per call, the conv sums
-// are rounded to data_t in registers before ReLU and pooling (so the arg-max
-// rule sees native's values), and each task's pooled planes are rounded
-// into the output.
-template <typename data_t, typename code_t>
-void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
+// The forward in the tensors' dtype data_t, its conv sums treated by Sums
+// (see forward_typed).
+template <typename data_t, typename code_t, typename Sums>
+void forward_with_sums(const Conv2dReluMaxPool2dForwardArgs& a) {
   using scalar_t = at::opmath_type<data_t>;
   constexpr bool kHalf = !std::is_same_v<scalar_t, data_t>;
-  using Sums = std::conditional_t<kHalf, RoundSumsTo<data_t>, KeepSums>;
   const auto& s = a.shape;
   const auto& p = a.params;
   const int64_t in_group = s.in_channels_per_group(p);
@@ -388,13 +383,34 @@ void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
                 codes != nullptr ? codes + plane_index * pooled_size : nullptr);
           }
           if constexpr (kHalf) {
-            // Pooled values are rounded conv outputs: exact in data_t.
+            // Without codes, the only rounding of the pooled values.
             float_to_half(
                 pooled.data(), output + first_plane * pooled_size,
                 block * pooled_size);
           }
         }
       });
+}
+
+// The forward in the tensors' dtype data_t. A half-precision call (bfloat16,
+// float16) computes in float32, as native's CPU kernels do: the input is
+// converted while it is staged, the weights once per call, and each task's
+// pooled planes are rounded into the output. With arg-max codes the conv
+// sums are also rounded to data_t in registers before ReLU and pooling, so
+// that the arg-max rule sees native's values (ties included). Without codes
+// that rounding would change nothing: rounding to nearest never reverses an
+// order and keeps 0, so the rounded maximum of the ReLU'd window is the
+// maximum of the rounded ReLU'd values, and only the pooled values, a
+// quarter of the sums for 2x2 windows, are rounded.
+template <typename data_t, typename code_t>
+void forward_typed(const Conv2dReluMaxPool2dForwardArgs& a) {
+  if constexpr (is_half_precision_v<data_t>) {
+    if (a.codes.defined()) {
+      forward_with_sums<data_t, code_t, RoundSumsTo<data_t>>(a);
+      return;
+    }
+  }
+  forward_with_sums<data_t, code_t, KeepSums>(a);
 }
 
 void conv2d_relu_max_pool2d_forward_kernel(
