@@ -175,7 +175,8 @@ def _cpu_has_bfloat16_dot_products() -> bool:
 #  the paths auto takes (forward, backward) on a CPU with bfloat16 dot products)
 HALF_RULE = [
     ("mnist_block1_n64", (64, 1, 10, 28, 5), {}, torch.bfloat16, ("direct", "direct")),
-    ("mnist_block2_n64", (64, 10, 20, 12, 5), {}, torch.bfloat16, ("vendor", "direct")),
+    ("mnist_block2_n64", (64, 10, 20, 12, 5), {}, torch.bfloat16, ("direct", "direct")),
+    ("mnist_block2_n256", (256, 10, 20, 12, 5), {}, torch.bfloat16, ("vendor", "direct")),
     ("mnist_block2_n32", (32, 10, 20, 12, 5), {}, torch.bfloat16, ("direct", "direct")),
     ("products_127", (4096, 127, 8, 8, 1), {}, torch.bfloat16, ("direct", "direct")),
     ("products_128", (4096, 128, 8, 8, 1), {}, torch.bfloat16, ("vendor", "direct")),
@@ -187,21 +188,48 @@ HALF_RULE = [
 ]
 
 
-@pytest.mark.parametrize("dims,kwargs,dtype,expected", [r[1:] for r in HALF_RULE], ids=[r[0] for r in HALF_RULE])
-def test_auto_rule_for_half_precision(dims, kwargs, dtype, expected):
-    """bfloat16 on a CPU with bfloat16 dot products: vendor from 128 products per conv output
-    forward, 256 backward, with at least 2**24 multiply-adds, else the float32 rule; float16:
-    direct for every backward."""
+def _auto_paths(dims: tuple[int, ...], kwargs: dict, dtype: torch.dtype) -> tuple[str, str]:
+    """The paths auto takes (forward, backward) for (batch, in channels, out channels, size, kernel),
+    or the float32 rule's for bfloat16 on a CPU without bfloat16 dot products."""
     n, c, oc, h, k = dims
     x, w = torch.empty(n, c, h, h, device="meta", dtype=dtype), torch.empty(oc, c, k, k, device="meta", dtype=dtype)
-    got = (ptfast.backends.cpu.conv_block_path(x, w, **kwargs),
-           ptfast.backends.cpu.conv_block_path(x, w, backward=True, **kwargs))
     if dtype == torch.bfloat16 and not _cpu_has_bfloat16_dot_products():
-        float_rule = (ptfast.backends.cpu.conv_block_path(x.float(), w.float(), **kwargs),
-                      ptfast.backends.cpu.conv_block_path(x.float(), w.float(), backward=True, **kwargs))
-        assert got == float_rule
+        x, w = x.float(), w.float()
+    return (ptfast.backends.cpu.conv_block_path(x, w, **kwargs),
+            ptfast.backends.cpu.conv_block_path(x, w, backward=True, **kwargs))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dims,kwargs,dtype,expected", [r[1:] for r in HALF_RULE], ids=[r[0] for r in HALF_RULE])
+def test_auto_rule_for_half_precision(dims, kwargs, dtype, expected, one_thread):
+    """bfloat16 on a CPU with bfloat16 dot products: vendor from 128 products per conv output
+    forward, 256 backward, with at least 2**24 multiply-adds (forward: in AMX tiles of 16 output
+    channels, per thread), else the float32 rule; float16: direct for every backward."""
+    got = _auto_paths(dims, kwargs, dtype)
+    if dtype == torch.bfloat16 and not _cpu_has_bfloat16_dot_products():
+        assert got == _auto_paths(dims, kwargs, torch.float32)
     else:
         assert got == expected
+
+
+@pytest.mark.skipif(not _cpu_has_bfloat16_dot_products(), reason="the rule for CPUs with bfloat16 dot products")
+def test_bfloat16_forward_rule_counts_tile_work_per_thread(one_thread):
+    # 80 x 64 x 250 x 20 = 2**24.6 multiply-adds: 20 output channels fill 20 of
+    # 32 tile lanes (2**23.9 counted), 32 fill all of theirs.
+    assert _auto_paths((80, 10, 20, 12, 5), {}, torch.bfloat16)[0] == "direct"
+    assert _auto_paths((80, 10, 32, 12, 5), {}, torch.bfloat16)[0] == "vendor"
+    # MNIST block 2 N128 (2**24.6 counted): oneDNN's on one thread, the direct
+    # kernels' on two, which gain more from the second thread.
+    assert _auto_paths((128, 10, 20, 12, 5), {}, torch.bfloat16)[0] == "vendor"
+    torch.set_num_threads(2)
+    assert _auto_paths((128, 10, 20, 12, 5), {}, torch.bfloat16)[0] == "direct"
 
 
 # ----------------------------------------------------------------------------- log_softmax

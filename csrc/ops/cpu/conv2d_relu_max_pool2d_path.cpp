@@ -2,6 +2,8 @@
 // conv2d -> ReLU -> max_pool2d operator (see the header).
 #include "ops/cpu/conv2d_relu_max_pool2d_path.h"
 
+#include <ATen/Parallel.h>
+
 namespace ptfast::cpu {
 
 bool cpu_has_bfloat16_dot_products() {
@@ -22,25 +24,44 @@ ConvBlockPath choose_path(
     return forced;
   }
   const int64_t products = s.in_channels_per_group(p) * s.kernel_h * s.kernel_w;
-  // Half precision (README, "Half precision on the CPU"; 1 thread, a Xeon
-  // with AMX). bfloat16 on a CPU with bfloat16 dot products: oneDNN's
-  // convolution beats the direct kernels (which compute in float32) from
-  // about 150 products per output in the forward (16 -> 32, 3x3, N64: 1.7x)
-  // and 250-290 in the backward (10 -> 20, 5x5: direct 1.3x faster; 32 ->
-  // 64, 3x3: vendor 1.6x), given enough work to pay for oneDNN's per-call
-  // cost: MNIST's block 2 (250 products) is 1.1x faster there at N64 (2^24
-  // multiply-adds) and 1.1x-6x slower at N32 and below. float16: oneDNN has
-  // no fast float16 convolution without AMX-FP16 (10 -> 20, 5x5: 4x slower
-  // forward than direct), and ATen's float16 convolution_backward is
-  // 100x-250x slower than the direct backward, which therefore serves every
-  // float16 backward. Below these thresholds (and on other CPUs) the float32
-  // rule applies.
+  // Half precision (README, "Half precision on the CPU"; a Xeon with AMX).
+  // bfloat16 on a CPU with bfloat16 dot products: oneDNN's convolution beats
+  // the direct kernels (which compute in float32) from about 150 products
+  // per output in the forward (16 -> 32, 3x3, N64: 1.7x) and 250-290 in the
+  // backward (10 -> 20, 5x5: direct 1.3x faster; 32 -> 64, 3x3: vendor
+  // 1.6x), given enough work to pay for oneDNN's per-call cost, 2^24
+  // multiply-adds. In the forward that work is counted as oneDNN's AMX
+  // kernels see it, per thread, and only in the output channels they use:
+  // - the tiles hold output channels in sixteens, so 20 channels (MNIST
+  //   block 2) fill 20 of 32 lanes;
+  // - on two threads the direct kernels gained 1.8x on MNIST block 2 N64,
+  //   oneDNN 1.5x.
+  // Measured on MNIST block 2 inference, vendor time / direct time: N64 1.07
+  // (1 thread) and 1.28 (2 threads), N96 0.94 and 1.38, N192 0.91 and 1.23
+  // (benchmarks/NOTES.md). float16: oneDNN has no fast float16 convolution
+  // without AMX-FP16 (10 -> 20, 5x5: 4x slower forward than direct), and
+  // ATen's float16 convolution_backward is 100x-250x slower than the direct
+  // backward, which therefore serves every float16 backward. Below these
+  // thresholds (and on other CPUs) the float32 rule applies.
   constexpr int64_t kBfloat16VendorFromMultiplyAdds = int64_t{1} << 24;
+  constexpr int64_t kAmxTileChannels = 16;
   if (dtype == at::kBFloat16 && cpu_has_bfloat16_dot_products()) {
     const int64_t multiply_adds =
         s.batch * s.out_channels * s.conv_h * s.conv_w * products;
-    if (products >= (pass == ConvBlockPass::kForward ? 128 : 256) &&
-        multiply_adds >= kBfloat16VendorFromMultiplyAdds) {
+    if (pass == ConvBlockPass::kForward) {
+      const int64_t out_group = s.out_channels_per_group(p);
+      const int64_t tile_channels =
+          (out_group + kAmxTileChannels - 1) / kAmxTileChannels *
+          kAmxTileChannels;
+      const double tile_multiply_adds_per_thread =
+          static_cast<double>(multiply_adds) * out_group / tile_channels /
+          at::get_num_threads();
+      if (products >= 128 &&
+          tile_multiply_adds_per_thread >= kBfloat16VendorFromMultiplyAdds) {
+        return ConvBlockPath::kVendor;
+      }
+    } else if (
+        products >= 256 && multiply_adds >= kBfloat16VendorFromMultiplyAdds) {
       return ConvBlockPath::kVendor;
     }
   } else if (dtype == at::kHalf && pass == ConvBlockPass::kBackward) {
