@@ -216,6 +216,36 @@ def test_fused_channels_last_model_stays_channels_last(weights):
         assert_same_layout(a, e, "grad")
 
 
+@pytest.mark.parametrize("with_grad", [False, True], ids=["inference", "with_grad"])
+@pytest.mark.parametrize(
+    "pool", [{}, dict(pool_kernel_size=3, pool_stride=2, pool_padding=1, ceil_mode=True)], ids=["2x2", "3x3s2_padded_ceil"])
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_channels_last_conv_output_pooled_like_native(dt, pool, with_grad):
+    # The vendor epilogue pools a channels-last conv output straight from its pixels, 64 bytes of
+    # channels per task: 40 channels fill one task and part of another in every dtype. Ties (a
+    # constant patch), inf and NaN, padded and ceil_mode windows; with gradients the arg-max codes
+    # decide where each gradient goes. Dyadic data: sums exact, outputs compared bit for bit.
+    g = torch.Generator().manual_seed(3)
+    dyadic = lambda *shape: torch.randint(-8, 8, shape, generator=g) / 8  # noqa: E731
+    x = dyadic(2, 6, 11, 11)
+    x[0, :, 2:7, 2:7] = 0.5
+    x[1, 2, 3, 4] = float("inf")
+    x[1, 4, 7, 7] = float("nan")
+    x = x.to(dt).contiguous(memory_format=CL).requires_grad_(with_grad)
+    w, b = dyadic(40, 6, 3, 3).to(dt), dyadic(40).to(dt)
+    with ptfast.backends.cpu.flags(conv_block="vendor"):
+        out = ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1, **pool)
+    ref = native_block(x, w, b, padding=1, **pool)
+    assert_same_layout(out, ref, "output")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    if with_grad:
+        grad = dyadic(*ref.shape).to(dt)
+        (got,) = torch.autograd.grad(out, x, grad)
+        (want,) = torch.autograd.grad(ref, x, grad)
+        assert_same_layout(got, want, "grad input")
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("path", ["direct", "vendor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_channels_last_matches_native(path, dtype):

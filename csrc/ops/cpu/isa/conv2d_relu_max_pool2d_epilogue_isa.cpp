@@ -15,6 +15,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstring>
@@ -24,6 +25,149 @@
 
 namespace ptfast::cpu {
 namespace {
+
+// Pools `channels` neighbouring channels of a channels-last conv output (a
+// plane's pixel p at conv + p * pixel_stride, its channels contiguous), a
+// vector of channels at a time: each window tap is one vector load at the
+// pixel PoolTable names, -inf for its sentinel (taps outside the plane), and
+// store_pooled applies the same arg-max rule as the plane pooling. Pooled
+// cell `cell`, channel j goes to pooled[cell * pooled_stride + j], its code
+// to codes[cell * codes_stride + j] (codes may be null).
+template <typename pool_t, typename scalar_t, typename code_t>
+void pool_channels_last(
+    const scalar_t* conv, int64_t pixel_stride, int64_t channels,
+    const PoolTable<pool_t>& table, int64_t plane_size, pool_t* pooled,
+    int64_t pooled_stride, code_t* codes, int64_t codes_stride) {
+  using Vec = at::vec::Vectorized<pool_t>;
+  const Vec lowest(-std::numeric_limits<pool_t>::infinity());
+  for (int64_t cell = 0; cell < table.cells; ++cell) {
+    for (int64_t c = 0; c < channels; c += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), channels - c);
+      const auto tap = [&](int64_t t) {
+        const int64_t pixel = table.index[t * table.padded_cells + cell];
+        return pixel == plane_size
+            ? lowest
+            : load_as<pool_t>(conv + pixel * pixel_stride + c, count);
+      };
+      Vec best = lowest;
+      for (int64_t t = 0; t < table.taps; ++t) {
+        best = at::vec::maximum(best, tap(t));
+      }
+      store_pooled(
+          best, table.taps, tap, pooled + cell * pooled_stride + c,
+          codes != nullptr ? codes + cell * codes_stride + c : nullptr, count);
+    }
+  }
+}
+
+// The epilogue of a channels-last conv output (pixels of contiguous
+// channels, as oneDNN writes it for a channels-last call): pooled straight
+// from it, kChannels channels per task, so that each pixel's cache lines
+// are read whole, once. The pooled output and codes are written in place
+// when they are channels-last and of the pooling's type; otherwise through
+// a (cell, channel) buffer, transposed into NCHW planes or converted to the
+// half type.
+template <typename scalar_t, typename code_t>
+void epilogue_channels_last(const Conv2dReluMaxPool2dEpilogueArgs& a) {
+  constexpr bool kHalf = is_half_precision_v<scalar_t>;
+  using pool_t = std::conditional_t<kHalf, float, scalar_t>;
+  constexpr int64_t kChannels = 64 / sizeof(scalar_t);
+  const auto& s = a.shape;
+  const int64_t plane_size = s.conv_h * s.conv_w;
+  const int64_t cells = s.pooled_h * s.pooled_w;
+  const scalar_t* conv = a.conv.const_data_ptr<scalar_t>();
+  scalar_t* output = a.output.mutable_data_ptr<scalar_t>();
+  code_t* codes =
+      a.codes.defined() ? a.codes.mutable_data_ptr<code_t>() : nullptr;
+  const auto cs = a.conv.strides();
+  const auto os = a.output.strides();
+  const auto ks = codes != nullptr ? a.codes.strides() : os;
+  const auto cells_in_rows = [&](at::IntArrayRef st) {
+    return st[1] == 1 && st[2] == s.pooled_w * st[3];
+  };
+  const auto planes = [&](at::IntArrayRef st) {
+    return st[3] == 1 && st[2] == s.pooled_w;
+  };
+  const bool output_in_place = !kHalf && cells_in_rows(os);
+  const bool codes_in_place = codes != nullptr && cells_in_rows(ks);
+  const PoolTable<pool_t> table(s, a.params);
+  const int64_t tasks_per_image = (s.out_channels + kChannels - 1) / kChannels;
+  at::parallel_for(
+      0, s.batch * tasks_per_image,
+      std::max<int64_t>(
+          1, kGrainValues / std::max<int64_t>(1, plane_size * kChannels)),
+      [&](int64_t begin, int64_t end) {
+        std::vector<pool_t> values(output_in_place ? 0 : cells * kChannels);
+        std::vector<code_t> cell_codes(
+            codes == nullptr || codes_in_place ? 0 : cells * kChannels);
+        // Half precision into NCHW planes: transposed, then converted.
+        std::vector<pool_t> plane_values(
+            kHalf && planes(os) ? cells * kChannels : 0);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / tasks_per_image;
+          const int64_t c0 = task % tasks_per_image * kChannels;
+          const int64_t channels = std::min(kChannels, s.out_channels - c0);
+          scalar_t* out = output + n * os[0] + c0 * os[1];
+          code_t* code =
+              codes != nullptr ? codes + n * ks[0] + c0 * ks[1] : nullptr;
+          pool_t* pooled = nullptr;
+          int64_t pooled_stride = kChannels;
+          if constexpr (!kHalf) {
+            if (output_in_place) {
+              pooled = out;
+              pooled_stride = os[3];
+            }
+          }
+          if (pooled == nullptr) {
+            pooled = values.data();
+          }
+          code_t* pooled_codes = nullptr;
+          if (code != nullptr) {
+            pooled_codes = codes_in_place ? code : cell_codes.data();
+          }
+          pool_channels_last(
+              conv + n * cs[0] + c0 * cs[1], cs[3], channels, table,
+              plane_size, pooled, pooled_stride, pooled_codes,
+              codes_in_place ? ks[3] : kChannels);
+          if (!output_in_place) {
+            if (planes(os)) {
+              // (cell, channel) -> (channel, cell): the pooled planes.
+              if constexpr (kHalf) {
+                at::vec::transpose_mxn<pool_t>(
+                    values.data(), kChannels, plane_values.data(), cells,
+                    static_cast<int>(cells), static_cast<int>(channels));
+                for (int64_t j = 0; j < channels; ++j) {
+                  float_to_half(
+                      plane_values.data() + j * cells, out + j * os[1], cells);
+                }
+              } else {
+                at::vec::transpose_mxn<pool_t>(
+                    values.data(), kChannels, out, os[1],
+                    static_cast<int>(cells), static_cast<int>(channels));
+              }
+            } else {
+              for (int64_t cell = 0; cell < cells; ++cell) {
+                scalar_t* out_cell = out + cell / s.pooled_w * os[2] +
+                    cell % s.pooled_w * os[3];
+                for (int64_t j = 0; j < channels; ++j) {
+                  out_cell[j * os[1]] =
+                      static_cast<scalar_t>(values[cell * kChannels + j]);
+                }
+              }
+            }
+          }
+          if (code != nullptr && !codes_in_place) {
+            for (int64_t cell = 0; cell < cells; ++cell) {
+              code_t* code_cell = code + cell / s.pooled_w * ks[2] +
+                  cell % s.pooled_w * ks[3];
+              for (int64_t j = 0; j < channels; ++j) {
+                code_cell[j * ks[1]] = cell_codes[cell * kChannels + j];
+              }
+            }
+          }
+        }
+      });
+}
 
 // A half-precision conv output (bfloat16, float16) is converted into the
 // float32 buffer, and the pooled float32 values, which are conv outputs
@@ -46,6 +190,10 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const auto os = a.output.strides();
   const auto ks = codes != nullptr ? a.codes.strides() : os;
   const bool conv_planes = cs[3] == 1 && cs[2] == s.conv_w;
+  if (!conv_planes && cs[1] == 1 && cs[2] == s.conv_w * cs[3]) {
+    epilogue_channels_last<scalar_t, code_t>(a);
+    return;
+  }
   const bool pooled_planes =
       os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
   // The pooling writes the output's planes itself only when they are NCHW

@@ -216,18 +216,6 @@ void conv_planes(
   }
 }
 
-// `count` (at most a vector's) values of `src` as a vector of their compute
-// type: a half-precision input is converted while it is staged.
-template <typename scalar_t, typename input_t>
-C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_as(
-    const input_t* src, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, input_t>) {
-    return at::vec::Vectorized<scalar_t>::loadu(src, count);
-  } else {
-    return load_as_float(src, count);
-  }
-}
-
 // Stages `channels` input planes as shifted columns (see StagedLayout).
 // Only the values read from the input are written: the entries that come
 // from the zero padding are the same for every image and stay 0 from the

@@ -9,6 +9,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -78,6 +79,18 @@ at::vec::Vectorized<float> load_as_float(const half_t* data, int64_t count) {
 #endif
 }
 
+// `count` (at most a vector's) values of `src` as a vector of their compute
+// type scalar_t: half-precision values are converted to float32.
+template <typename scalar_t, typename input_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> load_as(
+    const input_t* src, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, input_t>) {
+    return at::vec::Vectorized<scalar_t>::loadu(src, count);
+  } else {
+    return load_as_float(src, count);
+  }
+}
+
 // dst[0, count) = value's first `count` lanes rounded to half_t (ties to
 // even), bit for bit as torch's .to(dtype) converts them.
 template <typename half_t>
@@ -113,8 +126,10 @@ void half_to_float(const half_t* src, float* dst, int64_t n) {
     low.store(dst + i);
     high.store(dst + i + FloatVec::size());
   }
-  for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
+  // The rest (every value of a short array) a float32 vector at a time.
+  for (; i < n; i += FloatVec::size()) {
+    const int64_t count = std::min<int64_t>(FloatVec::size(), n - i);
+    load_as_float(src + i, count).store(dst + i, count);
   }
 }
 
