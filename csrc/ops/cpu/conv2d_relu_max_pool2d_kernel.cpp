@@ -120,14 +120,40 @@ ops::KernelLayout kernel_layout(ConvBlockPath path) {
                                         : ops::KernelLayout::kContiguous;
 }
 
+// Whether the vendor forward convolves a channels-last copy of an NCHW
+// input. oneDNN's bfloat16 convolution of NCHW tensors reorders input and
+// output to and from its blocked layout around every call, and that costs
+// more than the copy: 2 threads, bfloat16 inference, NCHW / channels-last
+// conv (copy and the epilogue's transposes included): VGG 64->128 k3 112x112
+// 2.6x, CIFAR 32->64 k3 1.5x, MNIST block 2 N256 1.2x, VGG 256->256 k3 1.3x,
+// AlexNet 64->192 k5 1.15x. From 4096 products per output the conv's own
+// work hides the reorders (VGG 512->512 k3: 0.92x-0.97x) and the input stays
+// NCHW. float32's NCHW convolution gains little that way (0.9x-1.1x), and
+// float16 was not measured.
+bool convolve_channels_last(const ops::ForwardTensors& t) {
+  constexpr int64_t kChannelsLastBelowProducts = 4096;
+  const auto& s = t.shape;
+  const int64_t products =
+      s.in_channels_per_group(t.params) * s.kernel_h * s.kernel_w;
+  return t.input.scalar_type() == at::kBFloat16 &&
+      products < kChannelsLastBelowProducts && t.input.is_contiguous() &&
+      t.weight.is_contiguous() &&
+      !t.input.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // The vendor forward: ATen's convolution (oneDNN), then the epilogue. The
 // conv output is scratch, freed on return; it comes in native's memory
-// format (channels-last for a channels-last input or weight), which the
-// epilogue reads as it is.
+// format (channels-last for a channels-last input or weight), or
+// channels-last for a bfloat16 call convolved that way
+// (convolve_channels_last); the epilogue reads either as it is, and writes
+// the output in native's format.
 void vendor_forward(const ops::ForwardTensors& t) {
   const auto& p = t.params;
   const at::Tensor conv = at::convolution(
-      t.input, t.weight, t.bias, p.stride, p.padding, p.dilation,
+      convolve_channels_last(t)
+          ? t.input.contiguous(at::MemoryFormat::ChannelsLast)
+          : t.input,
+      t.weight, t.bias, p.stride, p.padding, p.dilation,
       /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
   conv2d_relu_max_pool2d_epilogue_stub.get("conv2d_relu_max_pool2d_epilogue")(
       {conv, t.output, t.codes, t.shape, t.params});
