@@ -29,21 +29,22 @@ ConvBlockPath choose_path(
   // the direct kernels (which compute in float32) from about 150 products
   // per output in the forward (16 -> 32, 3x3, N64: 1.7x) and 250-290 in the
   // backward (10 -> 20, 5x5: direct 1.3x faster; 32 -> 64, 3x3: vendor
-  // 1.6x), given enough work to pay for oneDNN's per-call cost, 2^24
-  // multiply-adds. In the forward that work is counted as oneDNN's AMX
-  // kernels see it, per thread, and only in the output channels they use:
-  // - the tiles hold output channels in sixteens, so 20 channels (MNIST
-  //   block 2) fill 20 of 32 lanes;
-  // - on two threads the direct kernels gained 1.8x on MNIST block 2 N64,
-  //   oneDNN 1.5x.
-  // Measured on MNIST block 2 inference, vendor time / direct time: N64 1.07
-  // (1 thread) and 1.28 (2 threads), N96 0.94 and 1.38, N192 0.91 and 1.23
-  // (benchmarks/NOTES.md). float16: oneDNN has no fast float16 convolution
-  // without AMX-FP16 (10 -> 20, 5x5: 4x slower forward than direct), and
-  // ATen's float16 convolution_backward is 100x-250x slower than the direct
-  // backward, which therefore serves every float16 backward. Below these
-  // thresholds (and on other CPUs) the float32 rule applies.
-  constexpr int64_t kBfloat16VendorFromMultiplyAdds = int64_t{1} << 24;
+  // 1.6x), given enough work to pay for oneDNN's per-call cost. In the
+  // forward that work is counted as oneDNN's AMX kernels do it: in tiles of
+  // 16 output channels (MNIST block 2's 20 channels fill 20 of 32 lanes),
+  // and per thread, since the per-call cost does not shrink with threads.
+  // Measured (benchmarks/NOTES.md, vendor time / direct time, 1 thread and
+  // 2), the paths cross at 2^23 multiply-adds per thread: 32 -> 64 k3 N2
+  // (2^23.2) 0.79 and 1.18, 16 -> 32 k3 N7 (2^23.0) 1.08 and 1.60, N14 0.64
+  // and 0.76; MNIST block 2 N64 (2^23.6 in tiles) 0.88-1.03 and 1.04-1.16,
+  // N128 0.85 and 0.89-0.95. The backward keeps the plain count, 2^24.
+  // float16: oneDNN has no fast float16 convolution without AMX-FP16
+  // (10 -> 20, 5x5: 4x slower forward than direct), and ATen's float16
+  // convolution_backward is 100x-250x slower than the direct backward, which
+  // therefore serves every float16 backward. Below these thresholds (and on
+  // other CPUs) the float32 rule applies.
+  constexpr double kBfloat16ForwardVendorFromMultiplyAddsPerThread = 1 << 23;
+  constexpr int64_t kBfloat16BackwardVendorFromMultiplyAdds = int64_t{1} << 24;
   constexpr int64_t kAmxTileChannels = 16;
   if (dtype == at::kBFloat16 && cpu_has_bfloat16_dot_products()) {
     const int64_t multiply_adds =
@@ -57,11 +58,13 @@ ConvBlockPath choose_path(
           static_cast<double>(multiply_adds) * out_group / tile_channels /
           at::get_num_threads();
       if (products >= 128 &&
-          tile_multiply_adds_per_thread >= kBfloat16VendorFromMultiplyAdds) {
+          tile_multiply_adds_per_thread >=
+              kBfloat16ForwardVendorFromMultiplyAddsPerThread) {
         return ConvBlockPath::kVendor;
       }
     } else if (
-        products >= 256 && multiply_adds >= kBfloat16VendorFromMultiplyAdds) {
+        products >= 256 &&
+        multiply_adds >= kBfloat16BackwardVendorFromMultiplyAdds) {
       return ConvBlockPath::kVendor;
     }
   } else if (dtype == at::kHalf && pass == ConvBlockPass::kBackward) {
