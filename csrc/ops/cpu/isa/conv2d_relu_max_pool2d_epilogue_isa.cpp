@@ -33,10 +33,10 @@ namespace {
 // store_pooled applies the same arg-max rule as the plane pooling. Pooled
 // cell `cell`, channel j goes to pooled[cell * pooled_stride + j], its code
 // to codes[cell * codes_stride + j] (codes may be null).
-template <typename pool_t, typename scalar_t, typename code_t>
+template <typename pool_t, typename scalar_t, typename out_t, typename code_t>
 void pool_channels_last(
     const scalar_t* conv, int64_t pixel_stride, int64_t channels,
-    const PoolTable<pool_t>& table, int64_t plane_size, pool_t* pooled,
+    const PoolTable<pool_t>& table, int64_t plane_size, out_t* pooled,
     int64_t pooled_stride, code_t* codes, int64_t codes_stride) {
   using Vec = at::vec::Vectorized<pool_t>;
   const Vec lowest(-std::numeric_limits<pool_t>::infinity());
@@ -64,9 +64,9 @@ void pool_channels_last(
 // channels, as oneDNN writes it for a channels-last call): pooled straight
 // from it, kChannels channels per task, so that each pixel's cache lines
 // are read whole, once. The pooled output and codes are written in place
-// when they are channels-last and of the pooling's type; otherwise through
-// a (cell, channel) buffer, transposed into NCHW planes or converted to the
-// half type.
+// when they are channels-last (half-precision values rounded as they are
+// stored); otherwise through a (cell, channel) buffer, transposed into the
+// NCHW planes.
 template <typename scalar_t, typename code_t>
 void epilogue_channels_last(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   constexpr bool kHalf = is_half_precision_v<scalar_t>;
@@ -88,7 +88,7 @@ void epilogue_channels_last(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const auto planes = [&](at::IntArrayRef st) {
     return st[3] == 1 && st[2] == s.pooled_w;
   };
-  const bool output_in_place = !kHalf && cells_in_rows(os);
+  const bool output_in_place = cells_in_rows(os);
   const bool codes_in_place = codes != nullptr && cells_in_rows(ks);
   const PoolTable<pool_t> table(s, a.params);
   const int64_t tasks_per_image = (s.out_channels + kChannels - 1) / kChannels;
@@ -110,26 +110,20 @@ void epilogue_channels_last(const Conv2dReluMaxPool2dEpilogueArgs& a) {
           scalar_t* out = output + n * os[0] + c0 * os[1];
           code_t* code =
               codes != nullptr ? codes + n * ks[0] + c0 * ks[1] : nullptr;
-          pool_t* pooled = nullptr;
-          int64_t pooled_stride = kChannels;
-          if constexpr (!kHalf) {
-            if (output_in_place) {
-              pooled = out;
-              pooled_stride = os[3];
-            }
-          }
-          if (pooled == nullptr) {
-            pooled = values.data();
-          }
           code_t* pooled_codes = nullptr;
           if (code != nullptr) {
             pooled_codes = codes_in_place ? code : cell_codes.data();
           }
-          pool_channels_last(
-              conv + n * cs[0] + c0 * cs[1], cs[3], channels, table,
-              plane_size, pooled, pooled_stride, pooled_codes,
-              codes_in_place ? ks[3] : kChannels);
-          if (!output_in_place) {
+          const scalar_t* pixels = conv + n * cs[0] + c0 * cs[1];
+          const int64_t codes_stride = codes_in_place ? ks[3] : kChannels;
+          if (output_in_place) {
+            pool_channels_last(
+                pixels, cs[3], channels, table, plane_size, out, os[3],
+                pooled_codes, codes_stride);
+          } else {
+            pool_channels_last(
+                pixels, cs[3], channels, table, plane_size, values.data(),
+                kChannels, pooled_codes, codes_stride);
             if (planes(os)) {
               // (cell, channel) -> (channel, cell): the pooled planes.
               if constexpr (kHalf) {
@@ -196,9 +190,10 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   }
   const bool pooled_planes =
       os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
-  // The pooling writes the output's planes itself only when they are NCHW
-  // and of its own type; otherwise it writes a buffer, copied out after.
-  const bool output_in_place = pooled_planes && !kHalf;
+  // The pooling writes the output's planes itself (rounding half-precision
+  // values as it stores them) when they are NCHW; otherwise it writes a
+  // buffer, copied out after.
+  const bool output_in_place = pooled_planes;
   const PlanePooling<pool_t> pool_plane(s, a.params);
   const int64_t buffer_size = plane_size + 1 + PlanePooling<pool_t>::kSlack;
   // Channels-last: up to kBlock neighbouring channels are gathered at once,
@@ -260,21 +255,10 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
                                ? code + j * ks[1]
                                : pooled_codes.data() + j * pooled_size;
             }
-            if constexpr (!kHalf) {
-              if (output_in_place) {
-                pool_plane(plane, out + j * os[1], plane_code);
-                continue;
-              }
-            }
-            pool_plane(plane, pooled.data() + j * pooled_size, plane_code);
-            if constexpr (kHalf) {
-              if (pooled_planes) {
-                // The pooled float32 values are conv outputs: exact in the half
-                // type.
-                float_to_half(
-                    pooled.data() + j * pooled_size, out + j * os[1],
-                    pooled_size);
-              }
+            if (output_in_place) {
+              pool_plane(plane, out + j * os[1], plane_code);
+            } else {
+              pool_plane(plane, pooled.data() + j * pooled_size, plane_code);
             }
           }
           if (!pooled_planes) {

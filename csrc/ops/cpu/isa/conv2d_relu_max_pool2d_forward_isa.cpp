@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -298,18 +299,21 @@ void forward_with_sums(const Conv2dReluMaxPool2dForwardArgs& a) {
   const data_t* weight_data = a.weight.const_data_ptr<data_t>();
   const data_t* bias_data =
       a.bias.defined() ? a.bias.const_data_ptr<data_t>() : nullptr;
-  // Weights and bias in the compute type.
-  std::vector<scalar_t> converted;
+  // Weights and bias in the compute type (uninitialised storage: every value
+  // is written, and a small call is a few microseconds).
+  std::unique_ptr<scalar_t[]> converted;
   const scalar_t* weight = nullptr;
   const scalar_t* bias = nullptr;
   if constexpr (kHalf) {
     const int64_t weight_numel = a.weight.numel();
-    converted.resize(weight_numel + (bias_data != nullptr ? s.out_channels : 0));
-    half_to_float(weight_data, converted.data(), weight_numel);
-    weight = converted.data();
+    const int64_t converted_numel =
+        weight_numel + (bias_data != nullptr ? s.out_channels : 0);
+    converted.reset(new scalar_t[converted_numel]);
+    half_to_float(weight_data, converted.get(), weight_numel);
+    weight = converted.get();
     if (bias_data != nullptr) {
-      half_to_float(bias_data, converted.data() + weight_numel, s.out_channels);
-      bias = converted.data() + weight_numel;
+      half_to_float(bias_data, converted.get() + weight_numel, s.out_channels);
+      bias = converted.get() + weight_numel;
     }
   } else {
     weight = weight_data;
@@ -334,8 +338,6 @@ void forward_with_sums(const Conv2dReluMaxPool2dForwardArgs& a) {
               -std::numeric_limits<scalar_t>::infinity();
         }
         std::vector<scalar_t> staged(s.kernel_w * layout.column_size, 0);
-        // Half precision: a task's pooled planes, before rounding.
-        std::vector<scalar_t> pooled(kHalf ? block_size * pooled_size : 0);
         int64_t staged_source = -1;  // (n * groups + group) held in `staged`
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks;
@@ -360,21 +362,10 @@ void forward_with_sums(const Conv2dReluMaxPool2dForwardArgs& a) {
           const int64_t first_plane = n * s.out_channels + first;
           for (int64_t j = 0; j < block; ++j) {
             const int64_t plane_index = first_plane + j;
-            scalar_t* pooled_plane = nullptr;
-            if constexpr (kHalf) {
-              pooled_plane = pooled.data() + j * pooled_size;
-            } else {
-              pooled_plane = output + plane_index * pooled_size;
-            }
             pool_plane(
-                planes.data() + j * layout.plane_stride, pooled_plane,
+                planes.data() + j * layout.plane_stride,
+                output + plane_index * pooled_size,
                 codes != nullptr ? codes + plane_index * pooled_size : nullptr);
-          }
-          if constexpr (kHalf) {
-            // Without codes, the only rounding of the pooled values.
-            float_to_half(
-                pooled.data(), output + first_plane * pooled_size,
-                block * pooled_size);
           }
         }
       });
@@ -382,8 +373,8 @@ void forward_with_sums(const Conv2dReluMaxPool2dForwardArgs& a) {
 
 // The forward in the tensors' dtype data_t. A half-precision call (bfloat16,
 // float16) computes in float32, as native's CPU kernels do: the input is
-// converted while it is staged, the weights once per call, and each task's
-// pooled planes are rounded into the output. With arg-max codes the conv
+// converted while it is staged, the weights once per call, and the pooling
+// rounds each vector it stores to the output. With arg-max codes the conv
 // sums are also rounded to data_t in registers before ReLU and pooling, so
 // that the arg-max rule sees native's values (ties included). Without codes
 // that rounding would change nothing: rounding to nearest never reverses an

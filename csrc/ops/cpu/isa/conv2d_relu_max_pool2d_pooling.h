@@ -5,6 +5,7 @@
 #pragma once
 
 #include "ops/conv2d_relu_max_pool2d.h"
+#include "ops/cpu/isa/half_precision.h"
 #include "ops/geometry.h"
 
 #include <ATen/cpu/vec/vec.h>
@@ -321,20 +322,26 @@ C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> scanned_codes(
   return code;
 }
 
-// Writes one vector of pooled outputs (`count` lanes) and, when `codes` is
-// not null, their arg-max codes. `best` is the windows' maximum (NaN wins)
+// Writes one vector of pooled outputs (`count` lanes; rounded to out_t, a
+// half-precision output's type, where that differs from scalar_t) and, when
+// `codes` is not null, their arg-max codes. `best` is the windows' maximum (NaN wins)
 // over the `taps` window taps; value(t) gives tap t's values again. Without
 // a NaN, the first tap equal to the maximum is where max_pool2d's scan
 // stops; lanes holding a NaN take the scan itself.
-template <typename scalar_t, typename code_t, typename TapValue>
+template <typename scalar_t, typename code_t, typename out_t, typename TapValue>
 C10_ALWAYS_INLINE void store_pooled(
     const at::vec::Vectorized<scalar_t>& best, int64_t taps,
-    const TapValue& value, scalar_t* output, code_t* codes, int64_t count) {
+    const TapValue& value, out_t* output, code_t* codes, int64_t count) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using CodeVec = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
   const Vec zero(0);
   const auto blocked = compare<Predicate::kLessEqual>(best, zero);
-  keep_lanes(blocked, zero, best).store(output, count);
+  const Vec pooled = keep_lanes(blocked, zero, best);
+  if constexpr (std::is_same_v<out_t, scalar_t>) {
+    pooled.store(output, count);
+  } else {
+    store_as_half(pooled, output, count);
+  }
   if (codes == nullptr) {
     return;
   }
@@ -360,10 +367,10 @@ C10_ALWAYS_INLINE void store_pooled(
 // table. With kKeptTaps > 0 the window has at most that many taps, held in
 // registers between the maximum and the codes; with 0, any window, gathered
 // again for the codes.
-template <int kKeptTaps, typename scalar_t, typename code_t>
+template <int kKeptTaps, typename scalar_t, typename out_t, typename code_t>
 void pool_plane_by_gathers(
     const scalar_t* plane, const PoolTable<scalar_t>& table,
-    scalar_t* output, code_t* codes) {
+    out_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using IndexVec = at::vec::Vectorized<typename PoolTable<scalar_t>::index_t>;
   static_assert(Vec::size() == IndexVec::size());
@@ -482,10 +489,12 @@ struct PoolRowTable {
 
 // Pools one conv plane a row of windows at a time (see PoolRowTable). The
 // plane buffer has 2 * size() values of slack after it.
-template <int kKernel, bool kPaddedColumns, typename scalar_t, typename code_t>
+template <
+    int kKernel, bool kPaddedColumns, typename scalar_t, typename out_t,
+    typename code_t>
 void pool_plane_by_rows(
     const scalar_t* plane, const PoolRowTable<scalar_t>& table,
-    scalar_t* output, code_t* codes) {
+    out_t* output, code_t* codes) {
   using Vec = at::vec::Vectorized<scalar_t>;
   using IndexVec =
       at::vec::Vectorized<typename PoolRowTable<scalar_t>::index_t>;
@@ -557,10 +566,11 @@ struct PlanePooling {
   }
 
   // Pools one conv plane (followed by the -inf sentinel that gathers read
-  // for taps outside it) into `output`, and the arg-max codes into `codes`
-  // unless it is null.
-  template <typename code_t>
-  void operator()(const scalar_t* plane, scalar_t* output, code_t* codes)
+  // for taps outside it) into `output` (of scalar_t, or of the half type
+  // the values are rounded to), and the arg-max codes into `codes` unless it
+  // is null.
+  template <typename out_t, typename code_t>
+  void operator()(const scalar_t* plane, out_t* output, code_t* codes)
       const {
     if constexpr (kHasSelectLanes<scalar_t>) {
       if (rows) {
