@@ -324,10 +324,10 @@ C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> scanned_codes(
 
 // Writes one vector of pooled outputs (`count` lanes; rounded to out_t, a
 // half-precision output's type, where that differs from scalar_t) and, when
-// `codes` is not null, their arg-max codes. `best` is the windows' maximum (NaN wins)
-// over the `taps` window taps; value(t) gives tap t's values again. Without
-// a NaN, the first tap equal to the maximum is where max_pool2d's scan
-// stops; lanes holding a NaN take the scan itself.
+// `codes` is not null, their arg-max codes. `best` is the windows' maximum
+// (NaN wins) over the `taps` window taps; value(t) gives tap t's values
+// again. Without a NaN, the first tap equal to the maximum is where
+// max_pool2d's scan stops; lanes holding a NaN take the scan itself.
 template <typename scalar_t, typename code_t, typename out_t, typename TapValue>
 C10_ALWAYS_INLINE void store_pooled(
     const at::vec::Vectorized<scalar_t>& best, int64_t taps,
