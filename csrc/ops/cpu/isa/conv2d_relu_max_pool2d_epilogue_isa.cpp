@@ -67,21 +67,19 @@ void pool_channels_last(
 // when they are channels-last (half-precision values rounded as they are
 // stored); otherwise through a (cell, channel) buffer, transposed into the
 // NCHW planes.
+// The tensors are epilogue_typed's: data pointers (codes null without
+// arg-max) and strides (the codes' are the output's without arg-max).
 template <typename scalar_t, typename code_t>
-void epilogue_channels_last(const Conv2dReluMaxPool2dEpilogueArgs& a) {
+void epilogue_channels_last(
+    const Conv2dReluMaxPool2dEpilogueArgs& a, const scalar_t* conv,
+    scalar_t* output, code_t* codes, at::IntArrayRef cs, at::IntArrayRef os,
+    at::IntArrayRef ks) {
   constexpr bool kHalf = is_half_precision_v<scalar_t>;
   using pool_t = std::conditional_t<kHalf, float, scalar_t>;
   constexpr int64_t kChannels = 64 / sizeof(scalar_t);
   const auto& s = a.shape;
   const int64_t plane_size = s.conv_h * s.conv_w;
   const int64_t cells = s.pooled_h * s.pooled_w;
-  const scalar_t* conv = a.conv.const_data_ptr<scalar_t>();
-  scalar_t* output = a.output.mutable_data_ptr<scalar_t>();
-  code_t* codes =
-      a.codes.defined() ? a.codes.mutable_data_ptr<code_t>() : nullptr;
-  const auto cs = a.conv.strides();
-  const auto os = a.output.strides();
-  const auto ks = codes != nullptr ? a.codes.strides() : os;
   const auto cells_in_rows = [&](at::IntArrayRef st) {
     return st[1] == 1 && st[2] == s.pooled_w * st[3];
   };
@@ -185,7 +183,7 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
   const auto ks = codes != nullptr ? a.codes.strides() : os;
   const bool conv_planes = cs[3] == 1 && cs[2] == s.conv_w;
   if (!conv_planes && cs[1] == 1 && cs[2] == s.conv_w * cs[3]) {
-    epilogue_channels_last<scalar_t, code_t>(a);
+    epilogue_channels_last(a, conv, output, codes, cs, os, ks);
     return;
   }
   const bool pooled_planes =
