@@ -3,12 +3,14 @@
 // the same arg-max codes the direct kernel writes. Compiled once per
 // instruction set (see csrc/ops/cpu/isa_dispatch.h).
 //
-// One pass over the conv output, NCHW or channels-last: each plane is
-// copied into a thread-local buffer that ends in the pooling's -inf sentinel
-// and slack (the gathers read the sentinel for taps outside the plane, the row
-// path loads two vectors past a row's start), then pooled by the code the
-// direct forward uses, so both paths pick the same arg-max by construction.
-// Half-precision conv outputs are pooled in float32 (see epilogue_typed).
+// One pass over the conv output. NCHW: each plane is copied into a
+// thread-local buffer that ends in the pooling's -inf sentinel and slack (the
+// gathers read the sentinel for taps outside the plane, the row path loads
+// two vectors past a row's start), then pooled by the code the direct forward
+// uses. Channels-last: pooled straight from the pixels, a vector of channels
+// per tap, through the same store_pooled. Either way both paths pick the same
+// arg-max by construction. Half-precision conv outputs are pooled in float32
+// (see epilogue_typed).
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_common.h"
 #include "ops/cpu/isa/conv2d_relu_max_pool2d_pooling.h"
 #include "ops/cpu/isa/half_precision.h"
@@ -66,9 +68,8 @@ void pool_channels_last(
 // are read whole, once. The pooled output and codes are written in place
 // when they are channels-last (half-precision values rounded as they are
 // stored); otherwise through a (cell, channel) buffer, transposed into the
-// NCHW planes.
-// The tensors are epilogue_typed's: data pointers (codes null without
-// arg-max) and strides (the codes' are the output's without arg-max).
+// NCHW planes. Pointers and strides come from epilogue_typed (without
+// arg-max, codes is null and ks are the output's strides).
 template <typename scalar_t, typename code_t>
 void epilogue_channels_last(
     const Conv2dReluMaxPool2dEpilogueArgs& a, const scalar_t* conv,
@@ -186,18 +187,16 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
     epilogue_channels_last(a, conv, output, codes, cs, os, ks);
     return;
   }
-  const bool pooled_planes =
-      os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
   // The pooling writes the output's planes itself (rounding half-precision
   // values as it stores them) when they are NCHW; otherwise it writes a
   // buffer, copied out after.
-  const bool output_in_place = pooled_planes;
+  const bool pooled_planes =
+      os[3] == 1 && os[2] == s.pooled_w && ks[3] == 1 && ks[2] == s.pooled_w;
   const PlanePooling<pool_t> pool_plane(s, a.params);
   const int64_t buffer_size = plane_size + 1 + PlanePooling<pool_t>::kSlack;
-  // Channels-last: up to kBlock neighbouring channels are gathered at once,
-  // so each cache line of the conv output is read once (a channel at a time
-  // re-read every line kBlock times: vgg's 112x112 planes lost 10% to native
-  // channels-last that way).
+  // Other strides (those that size-1 dimensions leave between NCHW and
+  // channels-last): up to kBlock neighbouring channels are gathered at once,
+  // so each cache line of the conv output is read once.
   constexpr int64_t kBlock = 16;
   const int64_t block = conv_planes && pooled_planes ? 1 : kBlock;
   at::parallel_for(
@@ -209,7 +208,7 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
           planes[j * buffer_size + plane_size] =
               -std::numeric_limits<pool_t>::infinity();
         }
-        std::vector<pool_t> pooled(output_in_place ? 0 : block * pooled_size);
+        std::vector<pool_t> pooled(pooled_planes ? 0 : block * pooled_size);
         std::vector<code_t> pooled_codes(
             pooled_planes ? 0 : block * pooled_size);
         for (int64_t index = begin; index < end;) {
@@ -253,7 +252,7 @@ void epilogue_typed(const Conv2dReluMaxPool2dEpilogueArgs& a) {
                                ? code + j * ks[1]
                                : pooled_codes.data() + j * pooled_size;
             }
-            if (output_in_place) {
+            if (pooled_planes) {
               pool_plane(plane, out + j * os[1], plane_code);
             } else {
               pool_plane(plane, pooled.data() + j * pooled_size, plane_code);
