@@ -18,6 +18,9 @@ SHAPES_AND_DIMS = [
 
 
 def _check(x: torch.Tensor, dim: int, equal_nan: bool = False):
+    if x.dim() and dim % x.dim() == x.dim() - 1 and x.shape[-1] * x.element_size() >= LONG_ROW_BYTES:
+        _check_long_rows(x, equal_nan)
+        return
     x = x.detach().requires_grad_()
     out, ref = ptfast.log_softmax(x, dim), F.log_softmax(x, dim)
     tol = tolerances(x.dtype)
@@ -28,6 +31,31 @@ def _check(x: torch.Tensor, dim: int, equal_nan: bool = False):
     got, = torch.autograd.grad(out, x, grad)
     want, = torch.autograd.grad(ref, x, grad)
     torch.testing.assert_close(got, want, equal_nan=equal_nan, **tol)
+
+
+# Rows from this size on reduce in parts (csrc/ops/cpu/isa/log_softmax_rows.h, kLongRowBytes).
+LONG_ROW_BYTES = 256 << 10
+
+
+def _check_long_rows(x: torch.Tensor, equal_nan: bool = False):
+    """_check for rows of LONG_ROW_BYTES and more along the last dim: the forward against native's,
+    the gradient against float64's, within twice native's distance from it (at least 1e-5 for
+    float32). The backward sums such a row's grad_output part by part so that threads can share
+    the row, and rounds differently from native's single pass: on rows of 70001 float32 both land
+    about 1e-4 from float64, each ahead by turns."""
+    x = x.detach().requires_grad_()
+    out = ptfast.log_softmax(x, -1)
+    torch.testing.assert_close(out, F.log_softmax(x, -1), equal_nan=equal_nan, **tolerances(x.dtype))
+    grad = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1)).to(x.device)
+    x64 = x.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(F.log_softmax(x64, -1), x64, grad.double())
+    (native,) = torch.autograd.grad(F.log_softmax(x, -1), x, grad)
+    (ours,) = torch.autograd.grad(out, x, grad)
+    finite = exact.isfinite()
+    assert torch.equal(ours.isnan(), native.isnan()) if equal_nan else not ours.isnan().any()
+    ours_error, native_error = ((g.double() - exact)[finite].abs().max().item() for g in (ours, native))
+    floor = 1e-10 if x.dtype == torch.float64 else 1e-5
+    assert ours_error <= max(2 * native_error, floor), (ours_error, native_error)
 
 
 @pytest.mark.parametrize("shape,dim", SHAPES_AND_DIMS, ids=[f"{s}-dim{d}" for s, d in SHAPES_AND_DIMS])
@@ -136,6 +164,36 @@ def test_long_rows_same_on_any_thread_count(shape, dtype):
     assert all(torch.equal(o, outs[0]) for o in outs)
     # Gradients of such rows: test_long_reductions_at_least_as_accurate_as_native.
     torch.testing.assert_close(outs[0], F.log_softmax(x, 1), **tolerances(dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 300001), (3, 140000)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_long_rows_backward_same_on_any_thread_count(shape, dtype):
+    # The backward of rows of 256 KiB and more sums grad_output over the same
+    # parts, in order, whether one thread takes a row or, with fewer rows than
+    # threads, several share its sum and its grad_input: bitwise the same
+    # gradients on 1 to 3 threads, at least as close to float64's as native's
+    # (the sums round differently).
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
+    dy = (torch.randn(shape, generator=g) + 0.01).to(dtype)
+    y = ptfast.log_softmax(x, 1)
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            (grad,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+            grads.append(grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grad, grads[0]) for grad in grads)
+    x64 = x.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(F.log_softmax(x64, 1), x64, dy.double())
+    (native,) = torch.autograd.grad(F.log_softmax(x, 1), x, dy)
+    ours_error, native_error = ((grad.double() - exact).abs().max().item() for grad in (grads[0], native))
+    floor = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0**-8}[dtype]
+    assert ours_error <= max(native_error, floor), (ours_error, native_error)
 
 
 def test_non_contiguous(dtype):

@@ -392,6 +392,21 @@ void backward_inner(
       });
 }
 
+// Whether `rows` rows of `length` are fewer long rows than threads, which
+// share each row's parts rather than leave threads idle.
+template <typename scalar_t>
+bool few_long_rows(int64_t rows, int64_t length) {
+  return is_long_row<scalar_t>(length) && rows < at::get_num_threads();
+}
+
+// Task `task` of the threads sharing long rows of `length` cut in `parts`:
+// part task % parts of row task / parts, its first element in the tensor and
+// its length.
+inline LongRowPart long_row_task(int64_t length, int64_t parts, int64_t task) {
+  const LongRowPart part = long_row_part(length, task % parts);
+  return {task / parts * length + part.begin, part.length};
+}
+
 // Fewer rows of at least kLongRowBytes than threads (a batch of one over a
 // large vocabulary): the threads share each row's parts, first their
 // partials, then, once each row's are combined, their outputs. The parts and
@@ -404,11 +419,8 @@ void forward_few_long_rows(
     bool streaming) {
   using compute_t = at::opmath_type<scalar_t>;
   const int64_t parts = long_row_parts(length);
-  // Task t is part t % parts of row t / parts: its first element in the
-  // tensor and its length.
-  auto extent = [&](int64_t task) {
-    const LongRowPart part = long_row_part(length, task % parts);
-    return LongRowPart{task / parts * length + part.begin, part.length};
+  const auto extent = [&](int64_t task) {
+    return long_row_task(length, parts, task);
   };
   std::vector<RowPartial<compute_t>> partials(rows * parts);
   at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
@@ -442,8 +454,7 @@ void forward_contiguous(
     const scalar_t* x, scalar_t* y, const ops::LogSoftmaxLayout& l) {
   if (l.inner == 1) {
     const int64_t bytes = l.outer * l.dim_size * sizeof(scalar_t);
-    if (l.dim_size * static_cast<int64_t>(sizeof(scalar_t)) >= kLongRowBytes &&
-        l.outer < at::get_num_threads()) {
+    if (few_long_rows<scalar_t>(l.outer, l.dim_size)) {
       forward_few_long_rows(
           x, y, l.outer, l.dim_size, bytes >= kStreamedOutputBytes);
       return;
@@ -465,11 +476,50 @@ void forward_contiguous(
   }
 }
 
+// The backward's counterpart of forward_few_long_rows: the threads share
+// each row's parts, first their sums of grad_output, then, once each row's
+// are added in backward_rows's order, their grad_input. One thread per row
+// left the other idle: 1x8388608 float32 ran at 0.93x native.
+template <typename scalar_t>
+void backward_few_long_rows(
+    const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t rows,
+    int64_t length, bool streaming) {
+  using compute_t = at::opmath_type<scalar_t>;
+  const int64_t parts = long_row_parts(length);
+  const auto extent = [&](int64_t task) {
+    return long_row_task(length, parts, task);
+  };
+  std::vector<compute_t> part_sums(rows * parts);
+  at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [offset, count] = extent(task);
+      part_sums[task] = grad_sum(dy + offset, count);
+    }
+  });
+  std::vector<compute_t> sums(rows, 0);
+  for (int64_t task = 0; task < rows * parts; ++task) {
+    sums[task / parts] += part_sums[task];
+  }
+  at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [offset, count] = extent(task);
+      write_backward_row(
+          dy + offset, y + offset, dx + offset, count, sums[task / parts],
+          streaming);
+    }
+    if (streaming) {
+      finish_streaming_stores();
+    }
+  });
+}
+
 template <typename scalar_t>
 void backward_contiguous(
     const scalar_t* dy, const scalar_t* y, scalar_t* dx,
     const ops::LogSoftmaxLayout& l, bool streaming) {
-  if (l.inner == 1) {
+  if (l.inner == 1 && few_long_rows<scalar_t>(l.outer, l.dim_size)) {
+    backward_few_long_rows(dy, y, dx, l.outer, l.dim_size, streaming);
+  } else if (l.inner == 1) {
     at::parallel_for(
         0, l.outer, std::max<int64_t>(1, kGrainElements / l.dim_size),
         [&](int64_t begin, int64_t end) {
@@ -576,6 +626,10 @@ void backward_half(
     const half_t* dy, const half_t* y, half_t* dx,
     const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
+  if (l.inner == 1 && few_long_rows<half_t>(l.outer, l.dim_size)) {
+    backward_few_long_rows(dy, y, dx, l.outer, l.dim_size, /*streaming=*/false);
+    return;
+  }
   if (l.inner == 1) {
     for_each_block_of_rows(l, [&](int64_t offset, int64_t rows) {
       backward_rows(

@@ -581,42 +581,75 @@ void backward_short_rows(
   }
 }
 
+// The sum of dy[0, length), length at least a vector, in one vector (in
+// native's order).
+template <typename scalar_t>
+at::opmath_type<scalar_t> grad_sum(const scalar_t* dy, int64_t length) {
+  using Vec = ComputeVec<scalar_t>;
+  using compute_t = at::opmath_type<scalar_t>;
+  const int64_t full = length - length % Vec::size();
+  Vec sum_v(0);
+  for (int64_t i = 0; i < full; i += Vec::size()) {
+    sum_v += load(dy + i, Vec::size());
+  }
+  if (full < length) {
+    sum_v += load(dy + full, length - full);
+  }
+  return at::vec::vec_reduce_all<compute_t>(
+      [](Vec& a, Vec& b) { return a + b; }, sum_v);
+}
+
+// Whether rows of `length` are long rows (see kLongRowBytes), whose sums
+// the backward takes part by part.
+template <typename scalar_t>
+bool is_long_row(int64_t length) {
+  return length * static_cast<int64_t>(sizeof(scalar_t)) >= kLongRowBytes;
+}
+
+// dx[0, length) = dy - exp(y) * sum, with `streaming` around the caches.
+template <typename scalar_t>
+void write_backward_row(
+    const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t length,
+    at::opmath_type<scalar_t> sum, bool streaming) {
+  using Vec = ComputeVec<scalar_t>;
+  const Vec sum_v(sum);
+  write_row(dx, length, streaming, [&](int64_t i, int64_t count) {
+    return load(dy + i, count) - exp(load(y + i, count)) * sum_v;
+  });
+}
+
 // The backward of `rows` contiguous rows of `length`. `grad_input` may be
 // `grad_output`. Along rows of any length: with one reduction, the
 // transposes of a block cost more than they save (4096x10: 151 against
-// 139 us). No software prefetch: the hardware prefetcher follows the three
-// sequential streams, and prefetching y and dx during the sum pass evicted
-// the lines of dy that the output pass reads again (4096x1000: 26 against
-// 34 GB/s).
+// 139 us). A long row's sum adds its parts' sums (long_row_part) in order,
+// as backward_few_long_rows does when threads share the row. No software
+// prefetch: the hardware prefetcher follows the three sequential streams,
+// and prefetching y and dx during the sum pass evicted the lines of dy that
+// the output pass reads again (4096x1000: 26 against 34 GB/s).
 template <typename scalar_t>
 void backward_rows(
     const scalar_t* grad_output, const scalar_t* output, scalar_t* grad_input,
     int64_t rows, int64_t length, bool streaming) {
-  using Vec = ComputeVec<scalar_t>;
   using compute_t = at::opmath_type<scalar_t>;
-  if (length < Vec::size()) {
+  if (length < ComputeVec<scalar_t>::size()) {
     backward_short_rows(grad_output, output, grad_input, rows, length);
     return;
   }
-  const int64_t full = length - length % Vec::size();
-  const int64_t rest = length - full;
+  const bool long_rows = is_long_row<scalar_t>(length);
   for (int64_t row = 0; row < rows; ++row) {
     const scalar_t* dy = grad_output + row * length;
-    const scalar_t* y = output + row * length;
-    scalar_t* dx = grad_input + row * length;
-    Vec sum_v(0);
-    for (int64_t i = 0; i < full; i += Vec::size()) {
-      sum_v += load(dy + i, Vec::size());
+    compute_t sum = 0;
+    if (long_rows) {
+      for (int64_t part = 0; part < long_row_parts(length); ++part) {
+        const LongRowPart extent = long_row_part(length, part);
+        sum += grad_sum(dy + extent.begin, extent.length);
+      }
+    } else {
+      sum = grad_sum(dy, length);
     }
-    if (rest > 0) {
-      sum_v += load(dy + full, rest);
-    }
-    const Vec sum =
-        Vec(at::vec::vec_reduce_all<compute_t>(
-            [](Vec& a, Vec& b) { return a + b; }, sum_v));
-    write_row(dx, length, streaming, [&](int64_t i, int64_t count) {
-      return load(dy + i, count) - exp(load(y + i, count)) * sum;
-    });
+    write_backward_row(
+        dy, output + row * length, grad_input + row * length, length, sum,
+        streaming);
   }
   if (streaming) {
     finish_streaming_stores();
