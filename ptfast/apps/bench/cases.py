@@ -300,8 +300,8 @@ class LogSoftmaxShape:
 def log_softmax_shapes(selection: Selection) -> list[LogSoftmaxShape]:
     """Classifier heads from 10 classes to a 32000-token vocabulary, and a segmentation map
     normalised over its channel dim (not the last one); the full set adds a shape per class of
-    the kernel's paths: rows of 2 and 33, 100 and 256000 elements, a non-last dim with 2, 4 and
-    4096 inner positions."""
+    the kernel's paths: rows of 2 and 33, 100 and 256000 elements, one row of 1000000 (shared by
+    the threads), a non-last dim with 2, 4 and 4096 inner positions."""
     if selection == "smoke":
         return [LogSoftmaxShape((8, 10), -1), LogSoftmaxShape((2, 3, 4, 4), 1)]
     shapes = [
@@ -318,6 +318,7 @@ def log_softmax_shapes(selection: Selection) -> list[LogSoftmaxShape]:
             LogSoftmaxShape((4096, 33), -1),
             LogSoftmaxShape((4096, 100), -1),
             LogSoftmaxShape((16, 256000), -1),
+            LogSoftmaxShape((1, 1000000), -1),
             LogSoftmaxShape((512, 10, 2), 1),
             LogSoftmaxShape((64, 1000, 4), 1),
             LogSoftmaxShape((8, 10, 4096), 1),
