@@ -139,6 +139,21 @@ def test_saves_only_compact_codes_for_backward():
     assert shapes == {tuple(x.shape): x.dtype, tuple(w.shape): w.dtype, tuple(out.shape): torch.uint8}
 
 
+def test_backward_allocates_input_sized_memory_once():
+    """The backward allocates memory the size of the input once, for the gradient it returns: on
+    the vendor path convolution_backward's, with none of its own beside it (one of each would
+    raise a training step's peak by the input's size)."""
+    x, w, b = block_inputs(8, 32, 4, 32, 32, 3, 1, True, torch.float32)
+    out = ptfast.conv2d_relu_max_pool2d(x, w, b, padding=1)
+    grad = torch.ones_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(out, [x, w, b], grad)
+    # The innermost ops that allocate (a zeros() also reports its empty()'s bytes).
+    allocations = [e.cpu_memory_usage for e in prof.events()
+                   if e.cpu_memory_usage > 0 and not any(c.cpu_memory_usage for c in e.cpu_children)]
+    assert allocations.count(x.nbytes) == 1, allocations
+
+
 def test_no_codes_without_grad():
     x, w, b = block_inputs(2, 3, 4, 10, 10, 3, 1, True, torch.float32)
     with torch.no_grad():

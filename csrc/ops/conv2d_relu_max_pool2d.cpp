@@ -244,18 +244,27 @@ BackwardTensors prepare_backward(
   t.codes = codes.contiguous(format);
   t.input = native ? input : input.contiguous();
   t.weight = native ? weight : weight.contiguous();
-  if (output_mask[0]) {
-    t.grad_input =
-        at::empty(input.sizes(), input.options().memory_format(format));
-  }
-  if (output_mask[1]) {
-    t.grad_weight =
-        at::empty(weight.sizes(), weight.options().memory_format(format));
-  }
-  if (output_mask[2]) {
-    t.grad_bias = at::empty({t.shape.out_channels}, weight.options());
-  }
+  t.output_mask = output_mask;
   return t;
+}
+
+void allocate_gradients(BackwardTensors& t, at::ScalarType dtype) {
+  const auto format = t.layout == KernelLayout::kNative
+      ? t.memory_format
+      : at::MemoryFormat::Contiguous;
+  if (t.output_mask[0]) {
+    t.grad_input = at::empty(
+        t.input.sizes(), t.input.options().dtype(dtype).memory_format(format));
+  }
+  if (t.output_mask[1]) {
+    t.grad_weight = at::empty(
+        t.weight.sizes(),
+        t.weight.options().dtype(dtype).memory_format(format));
+  }
+  if (t.output_mask[2]) {
+    t.grad_bias =
+        at::empty({t.shape.out_channels}, t.weight.options().dtype(dtype));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(

@@ -125,13 +125,16 @@ ForwardTensors prepare_forward(
 // output, a quarter of the conv output or less, after a kContiguous kernel).
 std::tuple<at::Tensor, at::Tensor> forward_result(const ForwardTensors& t);
 
-// The same for a backward kernel; each gradient is allocated (not filled)
-// when its output_mask entry is set, and left undefined otherwise.
+// The same for a backward kernel. The gradients stay undefined until
+// allocate_gradients: the paths through ATen's convolution_backward get
+// theirs from it, and an allocation of their own would only raise the
+// step's peak memory by the size of the input.
 struct BackwardTensors {
   Conv2dReluMaxPool2dParams params;
   Conv2dReluMaxPool2dShape shape;
   at::MemoryFormat memory_format;  // native's, for the results
   KernelLayout layout;
+  std::array<bool, 3> output_mask;  // gradients wanted: input, weight, bias
   at::Tensor grad_output, codes, input, weight;
   at::Tensor grad_input, grad_weight, grad_bias;
 };
@@ -143,6 +146,10 @@ BackwardTensors prepare_backward(
     c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, bool ceil_mode,
     std::array<bool, 3> output_mask, ChooseKernelLayout choose_layout);
+
+// Allocates (does not fill) the gradients t.output_mask asks for, in
+// `dtype` and in the memory format of t.layout.
+void allocate_gradients(BackwardTensors& t, at::ScalarType dtype);
 
 // The gradients in native's memory format.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(

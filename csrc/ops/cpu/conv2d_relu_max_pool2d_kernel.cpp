@@ -389,9 +389,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_backward(
       /*output_padding=*/{0, 0}, p.groups, output_mask);
 }
 
-// The direct backward, in the dtype of `t`'s tensors (float32 or float64).
+// The direct backward, in the dtype of `t`'s tensors (float32 or float64),
+// into gradients it allocates.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
-    const ops::BackwardTensors& t) {
+    ops::BackwardTensors t) {
+  ops::allocate_gradients(t, t.input.scalar_type());
   bool input_non_finite = false;
   bool weight_non_finite = false;
   conv2d_relu_max_pool2d_backward_stub.get("_conv2d_relu_max_pool2d_backward")(
@@ -413,11 +415,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_half(
   ops::BackwardTensors f = t;
   for (at::Tensor* tensor : {&f.grad_output, &f.input, &f.weight}) {
     *tensor = tensor->to(at::kFloat);
-  }
-  for (at::Tensor* grad : {&f.grad_input, &f.grad_weight, &f.grad_bias}) {
-    if (grad->defined()) {
-      *grad = at::empty(grad->sizes(), grad->options().dtype(at::kFloat));
-    }
   }
   auto grads = direct_backward(f);
   const auto rounded = [&](const at::Tensor& grad) {
@@ -447,6 +444,7 @@ conv2d_relu_max_pool2d_backward_cpu(
       });
   ops::check_cpu_dtype(kOp, t.input, "input");
   if (t.shape.batch == 0) {
+    ops::allocate_gradients(t, t.input.scalar_type());
     for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
       if (grad->defined()) {
         grad->zero_();

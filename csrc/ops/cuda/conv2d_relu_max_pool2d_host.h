@@ -323,6 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto& s = t.shape;
   const auto& p = t.params;
   if (s.batch == 0) {
+    ops::allocate_gradients(t, t.input.scalar_type());
     for (at::Tensor* grad : {&t.grad_weight, &t.grad_bias}) {
       if (grad->defined()) {
         grad->zero_();
