@@ -591,11 +591,20 @@ void convert_in_parallel(
 template <typename half_t>
 void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
   const int64_t slice = l.dim_size * l.inner;
+  if (l.inner == 1 && few_long_rows<half_t>(l.outer, l.dim_size)) {
+    forward_few_long_rows(x, y, l.outer, l.dim_size, /*streaming=*/false);
+    return;
+  }
   if (l.inner == 1 && l.dim_size > kShortRow<float>) {
     const int64_t bytes = l.outer * l.dim_size * sizeof(half_t);
     for_each_block_of_rows(l, [&](int64_t offset, int64_t rows) {
-      forward_rows_along(
-          x + offset, y + offset, rows, l.dim_size, bytes >= kPrefetchBytes);
+      if (is_long_row<half_t>(l.dim_size)) {
+        forward_long_rows(
+            x + offset, y + offset, rows, l.dim_size, /*streaming=*/false);
+      } else {
+        forward_rows_along(
+            x + offset, y + offset, rows, l.dim_size, bytes >= kPrefetchBytes);
+      }
     });
     return;
   }
