@@ -597,8 +597,9 @@ void forward_half(const half_t* x, half_t* y, const ops::LogSoftmaxLayout& l) {
   }
   if (l.inner == 1 && l.dim_size > kShortRow<float>) {
     const int64_t bytes = l.outer * l.dim_size * sizeof(half_t);
+    const bool long_rows = is_long_row<half_t>(l.dim_size);
     for_each_block_of_rows(l, [&](int64_t offset, int64_t rows) {
-      if (is_long_row<half_t>(l.dim_size)) {
+      if (long_rows) {
         forward_long_rows(
             x + offset, y + offset, rows, l.dim_size, /*streaming=*/false);
       } else {
